@@ -1,0 +1,28 @@
+"""shaspec-tf: ShaSpec (CVPR 2023) for missing-modality learning in Keras 3, with a TFX pipeline."""
+from setuptools import find_packages, setup
+
+setup(
+    name="shaspec-tf",
+    version="0.1.0",
+    description="Multi-modal learning with missing modalities (ShaSpec) in Keras 3 / TensorFlow, with TFX and TF Serving",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.11",
+    packages=find_packages(include=["shaspec_tf", "shaspec_tf.*", "pipeline", "pipeline.*",
+                                    "components", "components.*", "serving", "serving.*"]),
+    install_requires=[
+        "keras>=3.3,<4",
+        "numpy<2",
+        "tensorflow==2.16.2",
+        "nibabel>=5",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        # The TFX pipeline (pipeline/, components/) and its data layer.
+        "pipeline": ["tfx==1.16.0", "apache-beam[gcp]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4"],
+        "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "requests"],
+        "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30"],
+    },
+    entry_points={"console_scripts": ["shaspec=shaspec_tf.cli:main"]},
+)

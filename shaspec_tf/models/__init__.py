@@ -1,0 +1,52 @@
+"""ShaSpec models (backend-agnostic Keras 3) and their builders."""
+from __future__ import annotations
+
+from shaspec_tf.models.base import ShaSpecModel
+from shaspec_tf.models.classifier import ShaSpecClassifier
+from shaspec_tf.models.masks import validate_modality_mask, validate_volume_shape
+from shaspec_tf.models.presets import (AVMNIST_MODALITIES, BRATS_MODALITIES, BRATS_REGIONS, CLASSIFIER_PRESETS,
+                                       SEGMENTER_PRESETS, resolve_config)
+from shaspec_tf.models.segmenter import ShaSpecSegmenter
+
+
+def build_segmenter(preset: str = "paper", **overrides) -> ShaSpecSegmenter:
+    """The ShaSpec 3D segmenter for a preset (``paper``, ``small``, ``tiny``) with options overridden by keyword.
+
+    ``official_parity=True`` selects the official code's behaviour (first-available missing feature, unmasked
+    auxiliary losses, PyTorch padding) so that :func:`shaspec_tf.convert.load_official_state_dict` reproduces it.
+    """
+    return ShaSpecSegmenter(resolve_config(SEGMENTER_PRESETS, preset, dict(overrides)))
+
+
+def build_classifier(preset: str = "avmnist", **overrides) -> ShaSpecClassifier:
+    """The ShaSpec classifier for a preset (``avmnist``, ``avmnist-tiny``)."""
+    return ShaSpecClassifier(resolve_config(CLASSIFIER_PRESETS, preset, dict(overrides)))
+
+
+def build_baseline_segmenter(preset: str = "paper", **overrides) -> ShaSpecSegmenter:
+    """Same backbone, zero-filled missing inputs, plain concatenation, no specific encoders or auxiliary losses."""
+    return build_segmenter(preset, variant="baseline", **overrides)
+
+
+def build_baseline_classifier(preset: str = "avmnist", **overrides) -> ShaSpecClassifier:
+    """Classifier twin of :func:`build_baseline_segmenter`."""
+    return build_classifier(preset, variant="baseline", **overrides)
+
+
+def build_model(config: dict) -> ShaSpecModel:
+    """Rebuild a model from its saved ``shaspec_config`` (``model.shaspec_config``)."""
+    config = dict(config)
+    preset = config.pop("preset")
+    config.pop("official_parity", None)
+    task = config.get("task")
+    if task == "segmentation":
+        return ShaSpecSegmenter(resolve_config(SEGMENTER_PRESETS, preset, config))
+    if task == "classification":
+        return ShaSpecClassifier(resolve_config(CLASSIFIER_PRESETS, preset, config))
+    raise ValueError(f"unknown task {task!r} in model config")
+
+
+__all__ = ["AVMNIST_MODALITIES", "BRATS_MODALITIES", "BRATS_REGIONS", "CLASSIFIER_PRESETS", "SEGMENTER_PRESETS",
+           "ShaSpecClassifier", "ShaSpecModel", "ShaSpecSegmenter", "build_baseline_classifier",
+           "build_baseline_segmenter", "build_classifier", "build_model", "build_segmenter", "resolve_config",
+           "validate_modality_mask", "validate_volume_shape"]
