@@ -130,21 +130,24 @@ class ResNet3D(keras.layers.Layer):
         else:
             self.pool_pad = None
             self.pool = keras.layers.MaxPooling3D(3, strides=2, padding="same", name="pool")
-        self.stages = []
+        # One flat list (Keras' weight files track lists of layers, not lists of lists); ``stage_of`` maps blocks
+        # to stages.
+        self.blocks, self.stage_of = [], []
         for index, (p, n) in enumerate(zip(self.config["planes"], blocks)):
             stride = 1 if index == 0 else 2
-            stage = [ResidualBlock3D(p, kind, strides=stride if b == 0 else 1, projection_shortcut=(b == 0),
-                                     name=f"layer{index + 1}_block{b}", **common) for b in range(n)]
-            self.stages.append(stage)
+            for b in range(n):
+                self.blocks.append(ResidualBlock3D(p, kind, strides=stride if b == 0 else 1,
+                                                   projection_shortcut=(b == 0), name=f"layer{index + 1}_block{b}",
+                                                   **common))
+                self.stage_of.append(index)
         self.stage_channels = (int(stem_filters),) + tuple(p * EXPANSION[kind] for p in self.config["planes"])
 
     def build(self, input_shape):
         self.stem.build(input_shape)
         channels = self.stage_channels[0]
-        for stage in self.stages:
-            for block in stage:
-                block.build(_channels_shape(channels))
-                channels = block.out_channels
+        for block in self.blocks:
+            block.build(_channels_shape(channels))
+            channels = block.out_channels
 
     def call(self, x, training=None):
         x = self.stem(x, training=training)
@@ -152,10 +155,10 @@ class ResNet3D(keras.layers.Layer):
         if self.pool_pad is not None:
             x = self.pool_pad(x)
         x = self.pool(x)
-        for stage in self.stages:
-            for block in stage:
-                x = block(x, training=training)
-            outputs.append(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, training=training)
+            if index + 1 == len(self.blocks) or self.stage_of[index + 1] != self.stage_of[index]:
+                outputs.append(x)
         return outputs
 
     def get_config(self):

@@ -37,7 +37,6 @@ def build_model(config: dict) -> ShaSpecModel:
     """Rebuild a model from its saved ``shaspec_config`` (``model.shaspec_config``)."""
     config = dict(config)
     preset = config.pop("preset")
-    config.pop("official_parity", None)
     task = config.get("task")
     if task == "segmentation":
         return ShaSpecSegmenter(resolve_config(SEGMENTER_PRESETS, preset, config))

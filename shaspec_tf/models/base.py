@@ -53,9 +53,10 @@ class ShaSpecModel(keras.Model):
                              f"{type(inputs).__name__}")
         validate_modality_mask(inputs["modality_mask"], self.modalities)
 
-    def call(self, inputs, training=None, mask=None):
+    def __call__(self, inputs, *args, **kwargs):
+        # Before Keras' own input checks, so that a bad mask gets the one-line explanation below.
         self.validate_inputs(inputs)
-        return super().call(inputs, training=training, mask=mask)
+        return super().__call__(inputs, *args, **kwargs)
 
     # -- training -----------------------------------------------------------------------------------------------
     def task_loss(self, y, y_pred):

@@ -47,3 +47,9 @@ def validate_volume_shape(shape, num_modalities: int, divisor=(16, 32, 32)) -> N
         if size is not None and size % div:
             raise ValueError(f"image spatial size {tuple(shape[1:4])} must be divisible by {divisor} "
                              f"(axis {'DHW'[axis]} = {size}); crop or pad the volume, or use sliding-window inference")
+    if all(size is not None for size in shape[1:4]):
+        bottleneck = [size // div for size, div in zip(shape[1:4], divisor)]
+        if bottleneck[0] * bottleneck[1] * bottleneck[2] == 1:
+            raise ValueError(f"image spatial size {tuple(shape[1:4])} gives a 1x1x1 bottleneck, where instance "
+                             f"normalisation outputs constants and the encoders cannot learn; use at least "
+                             f"{(2 * divisor[0], divisor[1], divisor[2])}")

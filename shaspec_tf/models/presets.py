@@ -37,7 +37,7 @@ SEGMENTER_PRESETS = {
     "small": dict(_SEGMENTER_COMMON, depth=18, stem_filters=16, planes=(16, 32, 48, 64), blocks=(1, 1, 1, 1),
                   feature_channels=48, decoder_filters=(48, 32, 16, 16), crop_size=(48, 96, 96)),
     "tiny": dict(_SEGMENTER_COMMON, depth=10, stem_filters=8, planes=(8, 8, 16, 16), blocks=(1, 1, 1, 1),
-                 feature_channels=16, decoder_filters=(16, 8, 8, 8), aspp_rates=(1, 2, 2), crop_size=(16, 32, 32)),
+                 feature_channels=16, decoder_filters=(16, 8, 8, 8), aspp_rates=(1, 2, 2), crop_size=(32, 64, 64)),
 }
 
 CLASSIFIER_PRESETS = {

@@ -1,0 +1,22 @@
+# Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
+# Both create the virtual environment in .venv from nothing when it is absent (scripts/bootstrap.sh).
+PY := .venv/bin/python
+MODEL_TESTS := tests/test_layers.py tests/test_losses.py tests/test_models.py tests/test_convert.py
+
+.PHONY: venv demo test test-tf test-jax
+
+venv:
+	@bash scripts/bootstrap.sh
+
+demo: venv
+	.venv/bin/shaspec demo
+
+# The whole suite under TensorFlow, then the model library again under KERAS_BACKEND=jax.
+test: venv
+	$(MAKE) --no-print-directory test-tf test-jax
+
+test-tf:
+	$(PY) -m pytest -q
+
+test-jax:
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not tensorflow" $(MODEL_TESTS)

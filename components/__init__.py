@@ -1,0 +1,1 @@
+"""Custom TFX components of shaspec-tf: example gens, the missing-modality evaluator (in progress)."""

@@ -1,0 +1,1 @@
+"""The TFX pipeline of shaspec-tf: ``create_pipeline(config)`` and its local / Kubeflow V2 runners (in progress)."""

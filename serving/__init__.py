@@ -1,0 +1,1 @@
+"""TF Serving side of shaspec-tf: model configs and gRPC / REST clients (in progress)."""

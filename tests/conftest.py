@@ -1,0 +1,55 @@
+"""Test set-up: quiet TensorFlow logs, deterministic seeds, and per-backend helpers.
+
+The model tests run twice in ``make test``: under the TensorFlow backend and under ``KERAS_BACKEND=jax``
+(``-m "not tensorflow"``), to keep ``shaspec_tf.layers`` / ``shaspec_tf.models`` backend-agnostic.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+BACKEND = keras.backend.backend()
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND != "tensorflow":
+        skip = pytest.mark.skip(reason=f"needs TensorFlow; this pass runs the {BACKEND} backend")
+        for item in items:
+            if "tensorflow" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    keras.utils.set_random_seed(1234)
+    yield
+
+
+def to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def gradients(model, inputs, loss_fn):
+    """Gradients of ``loss_fn(outputs)`` with respect to ``model.trainable_variables`` (as NumPy arrays), on the
+    active backend."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model(inputs, training=True))
+        return [None if g is None else to_numpy(g) for g in tape.gradient(loss, model.trainable_variables)]
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def objective(values):
+            outputs, _ = model.stateless_call(values, non_trainable, inputs, training=True)
+            return loss_fn(outputs)
+
+        return [to_numpy(g) for g in jax.grad(objective)(trainable)]
+    raise NotImplementedError(BACKEND)
