@@ -10,8 +10,11 @@ import json
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's GCE cluster resolver imports google-api-core, which warns about Python 3.10 on every start.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.api_core")
 
 
 def _demo(args) -> int:
@@ -45,7 +48,7 @@ def _demo(args) -> int:
             masks = random_modality_masks(self.rng, args.batch, len(modalities), drop_rate=drop)
             return {"image": images, "modality_mask": masks}, regions
 
-    model.compile(optimizer=keras.optimizers.SGD(args.lr, momentum=0.99, nesterov=True))
+    model.compile(optimizer=keras.optimizers.SGD(args.lr, momentum=0.99, nesterov=True), run_eagerly=args.eager)
     start = time.time()
     history = model.fit(ToyBatches(), epochs=1, verbose=1 if sys.stdout.isatty() else 2)
     seconds = time.time() - start
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--eager", action="store_true",
+                      help="run the training steps eagerly: no graph compilation, slower steps (debugging)")
     demo.set_defaults(func=_demo)
 
     info = sub.add_parser("info", help="print a preset's configuration and parameter count")

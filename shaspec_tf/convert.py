@@ -87,8 +87,13 @@ def convert_tensor(key: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def read_state_dict(source) -> Mapping[str, np.ndarray]:
-    """A state dict from a mapping, a ``.npz`` file, or a ``.pth``/``.pt`` file (needs torch)."""
+def read_state_dict(source, trust_pickle: bool = False) -> Mapping[str, np.ndarray]:
+    """A state dict from a mapping, a ``.npz`` file, or a ``.pth``/``.pt`` file (needs torch).
+
+    The official ``train_SS.py`` snapshots (``final.pth``) are ``{'model': <the nn.Module>, 'optimizer', 'iter'}``:
+    the whole module is pickled, so reading one runs pickled code and needs the official ``DualNet_SS`` importable.
+    That happens only with ``trust_pickle=True``, for files you trust; plain state dicts load safely without it.
+    """
     if isinstance(source, Mapping):
         return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in source.items()}
     path = os.fspath(source)
@@ -101,21 +106,32 @@ def read_state_dict(source) -> Mapping[str, np.ndarray]:
         import torch  # optional: only to read PyTorch checkpoints
     except ImportError as error:
         raise ImportError(f"reading {path} needs torch; save it as .npz with numpy instead") from error
-    state = torch.load(path, map_location="cpu")
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]  # the official training snapshots nest the weights
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickled nn.Module is refused by the safe loader
+        if not trust_pickle:
+            raise ValueError(f"{path} is not a plain state dict (official training snapshots pickle the whole "
+                             f"model): pass trust_pickle=True for a file you trust, with the official code "
+                             f"importable, or save checkpoint['model'].state_dict() instead") from error
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, Mapping) and "model" in state:
+        state = state["model"]  # official snapshot: {'model': module or state dict, 'optimizer': ..., 'iter': ...}
+    if hasattr(state, "state_dict"):
+        state = state.state_dict()
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     return read_state_dict(state)
 
 
-def load_official_state_dict(model, state_dict, strict: bool = True) -> dict:
+def load_official_state_dict(model, state_dict, strict: bool = True, trust_pickle: bool = False) -> dict:
     """Assign an official ``DualNet_SS`` state dict to ``model``'s variables.
 
     Every official tensor must map onto a variable of the same shape and, with ``strict``, every model variable must
     receive one; otherwise a ``ValueError`` lists what did not match and nothing is assigned. Returns
-    ``{official_key: keras_path}``.
+    ``{official_key: keras_path}``. ``trust_pickle``: see :func:`read_state_dict`.
     """
-    state = read_state_dict(state_dict)
+    state = read_state_dict(state_dict, trust_pickle=trust_pickle)
     variables = {v.path: v for v in model.weights}
     mapping, unknown, mismatched = {}, [], []
     for key, value in state.items():

@@ -47,13 +47,13 @@ def classification_loss(labels, logits):
 def alignment_pairs(num_modalities: int, kind: str = "cyclic"):
     """Modality pairs compared by the alignment loss: ``cyclic`` ((0,1), (1,2), ..., (M-1,0); the official four pairs
     for BraTS; one pair when M = 2) or ``all`` (every unordered pair)."""
+    if kind not in ("cyclic", "all"):
+        raise ValueError(f"unknown pair kind {kind!r}: expected cyclic or all")
     if num_modalities < 2:
         return []
     if kind == "all" or num_modalities == 2:
         return [(i, j) for i in range(num_modalities) for j in range(i + 1, num_modalities)]
-    if kind == "cyclic":
-        return [(i, (i + 1) % num_modalities) for i in range(num_modalities)]
-    raise ValueError(f"unknown pair kind {kind!r}: expected cyclic or all")
+    return [(i, (i + 1) % num_modalities) for i in range(num_modalities)]
 
 
 def distribution_alignment_loss(shared, mask, masked: bool = True, pairs: str = "cyclic"):

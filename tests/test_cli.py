@@ -7,10 +7,10 @@ import pytest
 from shaspec_tf.cli import main
 
 
-@pytest.mark.tensorflow
 def test_demo_trains_and_writes_its_results(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--steps", "3", "--warmup", "1", "--shape", "32,32,32", "--out", str(out)]) == 0
+    args = ["demo", "--steps", "3", "--warmup", "1", "--shape", "32,32,32", "--eager", "--out", str(out)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
     assert "task_loss" in printed and "flair+t1+t1ce+t2" in printed
     report = json.loads((out / "demo.json").read_text())

@@ -252,7 +252,8 @@ def test_missing_key_with_strict_false_loads_the_rest(model, state_dict):
     mapping = convert.load_official_state_dict(model, state_dict, strict=False)
     assert len(mapping) == len(model.weights) - 1
     after = snapshot(model)
-    np.testing.assert_array_equal(after["t1_encoder/aspp/branch2/norm/beta"], before["t1_encoder/aspp/branch2/norm/beta"])
+    beta = "t1_encoder/aspp/branch2/norm/beta"
+    np.testing.assert_array_equal(after[beta], before[beta])
     np.testing.assert_array_equal(after["t1_encoder/aspp/branch2/norm/gamma"],
                                   state_dict["t1_enc.aspp.branch2.1.weight"])
 
@@ -342,17 +343,53 @@ def test_pth_checkpoint_is_unnested_and_dataparallel_prefix_stripped(model, stat
     saved = {"model": {f"module.{k}": v for k, v in state_dict.items()}, "optimizer": {}, "iter": 80000}
     calls = []
 
-    def fake_load(p, map_location=None):
-        calls.append((str(p), map_location))
+    def fake_load(p, map_location=None, weights_only=False):
+        calls.append((str(p), map_location, weights_only))
         return saved
 
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=fake_load))
     read = convert.read_state_dict(path)
-    assert calls == [(str(path), "cpu")]
+    assert calls == [(str(path), "cpu", True)]  # the safe loader first
     assert read.keys() == state_dict.keys()
     mapping = convert.load_official_state_dict(model, path)
     assert set(mapping) == set(state_dict)
     np.testing.assert_array_equal(var(model, "domain_classifier/dense/kernel"), state_dict["dom_classifier.weight"].T)
+
+
+def test_official_training_snapshot_with_a_pickled_module_loads(model, state_dict, tmp_path, monkeypatch):
+    """train_SS.py saves ``torch.save({'model': model, 'optimizer': optimizer, 'iter': i_iter}, 'final.pth')`` with
+    ``model`` the module (DataParallel-wrapped when several GPUs are used); eval.py restores it as
+    ``model = checkpoint['model']``. The weights are ``checkpoint['model'].state_dict()``."""
+    class FakeModule:  # an nn.Module is not a Mapping; it has state_dict()
+        def state_dict(self):
+            return {f"module.{k}": v for k, v in state_dict.items()}
+
+    path = tmp_path / "final.pth"
+    path.write_bytes(b"not read by the fake torch")
+    saved = {"model": FakeModule(), "optimizer": object(), "iter": 179_999}
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=lambda p, map_location=None, **kw: saved))
+    mapping = convert.load_official_state_dict(model, path)
+    assert set(mapping) == set(state_dict)
+    np.testing.assert_array_equal(var(model, "domain_classifier/dense/bias"), state_dict["dom_classifier.bias"])
+
+
+def test_pickled_snapshot_needs_trust_pickle(model, state_dict, tmp_path, monkeypatch):
+    """A snapshot the safe loader refuses (a pickled module) is only unpickled with trust_pickle=True."""
+    class FakeModule:
+        def state_dict(self):
+            return dict(state_dict)
+
+    def fake_load(path, map_location=None, weights_only=True):
+        if weights_only:
+            raise RuntimeError("Weights only load failed: unsupported global DualNet_SS")
+        return {"model": FakeModule(), "iter": 1}
+
+    path = tmp_path / "final.pth"
+    path.write_bytes(b"not read by the fake torch")
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=fake_load))
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        convert.load_official_state_dict(model, path)
+    assert set(convert.load_official_state_dict(model, path, trust_pickle=True)) == set(state_dict)
 
 
 def test_pth_without_torch_raises_import_error(tmp_path, monkeypatch):

@@ -435,7 +435,7 @@ def test_decoder3d_restores_the_input_volume_size(rng):
     assert tuple(spec.shape) == tuple(logits.shape)
 
 
-def test_decoder3d_rejects_a_wrong_number_of_skips(rng):
+def test_decoder3d_rejects_a_wrong_number_of_skips():
     dec = L.Decoder3D((4, 4, 4, 4), num_classes=2)
     with pytest.raises(ValueError):
         dec.build((None, 1, 1, 1, 8), [(None, 2, 2, 2, 4)] * 3)
@@ -744,7 +744,7 @@ def test_layer_config_round_trip(rng, name):
         return
     args = inputs(rng)
     expected = layer(*args)
-    result = clone(*args)  # builds the clone; then give it the original's weights
+    clone(*args)  # builds the clone; then give it the original's weights
     clone.set_weights(layer.get_weights())
     result = clone(*args)
     for a, b in zip(keras.tree.flatten(expected), keras.tree.flatten(result)):

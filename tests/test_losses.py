@@ -159,6 +159,9 @@ def test_alignment_pairs():
     assert losses.alignment_pairs(4) == CYCLIC4
     assert losses.alignment_pairs(4, "cyclic") == CYCLIC4
     assert losses.alignment_pairs(2) == [(0, 1)]
+    for m in (2, 4):  # a typo in the pair kind is an error whatever the modality count
+        with pytest.raises(ValueError, match="unknown pair kind"):
+            losses.alignment_pairs(m, "bogus")
     assert losses.alignment_pairs(3) == [(0, 1), (1, 2), (2, 0)]
     all4 = losses.alignment_pairs(4, "all")
     assert len(all4) == 6

@@ -197,4 +197,4 @@ class ModalitiesToChannels(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         batch, m, *spatial, c = input_shape
-        return (batch, *spatial, m * c)
+        return (batch, *spatial, None if m is None or c is None else m * c)
