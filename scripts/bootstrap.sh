@@ -19,7 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 echo "bootstrap: installing pinned packages into $VENV (first time: a few minutes)"
-"$VENV/bin/python" -m pip install -q --upgrade "pip<25" "setuptools<70" wheel
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[pipeline,serving,test]"
+# Hide pip's notes about this machine's optional local package indexes; errors still fail the script (pipefail).
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+quiet "$VENV/bin/python" -m pip install -q --upgrade "pip<25" "setuptools<70" wheel
+quiet "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[pipeline,serving,test]"
 echo "$want" > "$stamp"
 echo "bootstrap: ready ($VENV)"

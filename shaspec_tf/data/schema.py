@@ -1,0 +1,247 @@
+"""The TFRecord contract of shaspec-tf: one ``tf.train.Example`` per MRI case or AV-MNIST sample.
+
+Every record carries the per-sample **modality-presence mask**; an absent modality's tensor is zeros and its bit 0.
+
+BraTS (``task = "brats"``), schema version 1:
+
+| feature | type | meaning |
+|---|---|---|
+| ``schema_version`` | int64 [1] | ``SCHEMA_VERSION`` |
+| ``task`` | bytes [1] | ``"brats"`` |
+| ``case_id`` | bytes [1] | e.g. ``"BraTS20_Training_001"`` |
+| ``modalities`` | bytes [M] | ``flair, t1, t1ce, t2`` (the channel order of ``image``) |
+| ``modality_mask`` | int64 [M] | 1 present, 0 absent |
+| ``image`` | bytes [1] | raw little-endian float32, shape ``image_shape`` = ``[D, H, W, M]`` |
+| ``image_shape`` | int64 [4] | ``D, H, W, M`` |
+| ``label`` | bytes [1] | raw uint8 BraTS labels ``{0, 1, 2, 4}``, shape ``[D, H, W]``; empty when unlabelled |
+| ``has_label`` | int64 [1] | 1 when ``label`` is present |
+| ``spacing`` | float [3] | voxel size in mm along D, H, W |
+| ``affine`` | float [16] | the source NIfTI affine (row-major 4x4) |
+| ``original_shape`` | int64 [3] | the volume's D, H, W before cropping |
+| ``crop_start`` | int64 [3] | where the stored crop starts in the original volume (D, H, W) |
+
+Axes: ``D, H, W`` are the NIfTI voxel axes ``k, j, i`` (``array = nifti.transpose(2, 1, 0)``), so D is the axial
+slice axis (155 in BraTS), as the official code lays volumes out.
+
+AV-MNIST (``task = "avmnist"``), schema version 1: ``sample_id`` bytes, ``modalities`` (``image, audio``),
+``modality_mask`` int64 [2], ``image`` float [28 * 28] (values in [0, 1]), ``audio`` float [20 * 20] (MFCCs),
+``label`` int64 [1], ``speaker`` bytes [1].
+
+This module needs TensorFlow only to parse records (``parse_*``); writing uses ``tf.train.Example`` protos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+AVMNIST_MODALITIES = ("image", "audio")
+AVMNIST_IMAGE_SHAPE = (28, 28, 1)
+AVMNIST_AUDIO_SHAPE = (20, 20, 1)
+
+
+@dataclass
+class BratsRecord:
+    """One MRI case in memory, as written to and read from a TFRecord."""
+
+    case_id: str
+    image: np.ndarray                      # float32 [D, H, W, M], zeros for absent modalities
+    modality_mask: np.ndarray              # int64 [M]
+    label: Optional[np.ndarray] = None     # uint8 [D, H, W] in {0, 1, 2, 4}, or None
+    spacing: Sequence[float] = (1.0, 1.0, 1.0)
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    original_shape: Optional[Sequence[int]] = None
+    crop_start: Sequence[int] = (0, 0, 0)
+    modalities: Sequence[str] = BRATS_MODALITIES
+
+    def validate(self) -> None:
+        """One-line ``ValueError`` naming the case when the record breaks the contract."""
+        m = len(self.modalities)
+        where = f"case {self.case_id!r}"
+        if self.image.ndim != 4 or self.image.shape[-1] != m:
+            raise ValueError(f"{where}: image must be [D, H, W, {m}], got {self.image.shape}")
+        mask = np.asarray(self.modality_mask)
+        if mask.shape != (m,) or not np.all((mask == 0) | (mask == 1)):
+            raise ValueError(f"{where}: modality_mask must be {m} values of 0/1, got {mask.tolist()}")
+        if mask.sum() == 0:
+            raise ValueError(f"{where}: no modality present (all-zero modality mask)")
+        if not np.all(np.isfinite(self.image)):
+            raise ValueError(f"{where}: image holds NaN or Inf")
+        absent = [name for name, bit in zip(self.modalities, mask) if not bit]
+        if absent and np.any(self.image[..., mask == 0]):
+            raise ValueError(f"{where}: absent modalities {absent} must be zeros")
+        if self.label is not None:
+            if self.label.shape != self.image.shape[:3]:
+                raise ValueError(f"{where}: label shape {self.label.shape} differs from image {self.image.shape[:3]}")
+            bad = np.setdiff1d(np.unique(self.label), [0, 1, 2, 4])
+            if bad.size:
+                raise ValueError(f"{where}: label values {bad.tolist()} outside BraTS labels {{0, 1, 2, 4}}")
+
+
+def _bytes(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() if isinstance(v, str) else v
+                                                                 for v in values]))
+
+
+def _ints(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def _floats(values):
+    import tensorflow as tf
+
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def brats_example(record: BratsRecord):
+    """``BratsRecord`` -> ``tf.train.Example`` (validated first)."""
+    import tensorflow as tf
+
+    record.validate()
+    image = np.ascontiguousarray(record.image, dtype="<f4")
+    label = b"" if record.label is None else np.ascontiguousarray(record.label, dtype=np.uint8).tobytes()
+    original = record.original_shape if record.original_shape is not None else image.shape[:3]
+    features = {
+        "schema_version": _ints([SCHEMA_VERSION]),
+        "task": _bytes(["brats"]),
+        "case_id": _bytes([record.case_id]),
+        "modalities": _bytes(list(record.modalities)),
+        "modality_mask": _ints(np.asarray(record.modality_mask).tolist()),
+        "image": _bytes([image.tobytes()]),
+        "image_shape": _ints(image.shape),
+        "label": _bytes([label]),
+        "has_label": _ints([record.label is not None]),
+        "spacing": _floats(record.spacing),
+        "affine": _floats(np.asarray(record.affine, dtype=np.float64).reshape(16)),
+        "original_shape": _ints(original),
+        "crop_start": _ints(record.crop_start),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features))
+
+
+def brats_record_from_example(serialized: bytes) -> BratsRecord:
+    """Inverse of :func:`brats_example` in NumPy (exact round trip)."""
+    import tensorflow as tf
+
+    example = tf.train.Example.FromString(serialized)
+    f = example.features.feature
+    version = f["schema_version"].int64_list.value[0]
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"record schema version {version} is not {SCHEMA_VERSION}")
+    shape = tuple(f["image_shape"].int64_list.value)
+    image = np.frombuffer(f["image"].bytes_list.value[0], dtype="<f4").reshape(shape).astype(np.float32)
+    has_label = bool(f["has_label"].int64_list.value[0])
+    label = (np.frombuffer(f["label"].bytes_list.value[0], dtype=np.uint8).reshape(shape[:3]).copy()
+             if has_label else None)
+    return BratsRecord(
+        case_id=f["case_id"].bytes_list.value[0].decode(),
+        image=image,
+        modality_mask=np.asarray(f["modality_mask"].int64_list.value, dtype=np.int64),
+        label=label,
+        spacing=tuple(f["spacing"].float_list.value),
+        affine=np.asarray(f["affine"].float_list.value, dtype=np.float64).reshape(4, 4),
+        original_shape=tuple(f["original_shape"].int64_list.value),
+        crop_start=tuple(f["crop_start"].int64_list.value),
+        modalities=tuple(v.decode() for v in f["modalities"].bytes_list.value),
+    )
+
+
+def parse_brats_example(serialized, num_modalities: int = len(BRATS_MODALITIES)):
+    """TensorFlow parser (for ``tf.data``): a serialized example -> dict of tensors with ``image`` float32
+    ``[D, H, W, M]``, ``label`` uint8 ``[D, H, W]`` (zeros when unlabelled), ``modality_mask`` int64 ``[M]``, and the
+    metadata."""
+    import tensorflow as tf
+
+    spec = {
+        "schema_version": tf.io.FixedLenFeature([1], tf.int64),
+        "case_id": tf.io.FixedLenFeature([], tf.string),
+        "modality_mask": tf.io.FixedLenFeature([num_modalities], tf.int64),
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "image_shape": tf.io.FixedLenFeature([4], tf.int64),
+        "label": tf.io.FixedLenFeature([], tf.string),
+        "has_label": tf.io.FixedLenFeature([1], tf.int64),
+        "spacing": tf.io.FixedLenFeature([3], tf.float32),
+        "affine": tf.io.FixedLenFeature([16], tf.float32),
+        "original_shape": tf.io.FixedLenFeature([3], tf.int64),
+        "crop_start": tf.io.FixedLenFeature([3], tf.int64),
+    }
+    f = tf.io.parse_single_example(serialized, spec)
+    shape = f["image_shape"]
+    image = tf.reshape(tf.io.decode_raw(f["image"], tf.float32, little_endian=True), shape)
+    label = tf.cond(f["has_label"][0] > 0,
+                    lambda: tf.reshape(tf.io.decode_raw(f["label"], tf.uint8), shape[:3]),
+                    lambda: tf.zeros(shape[:3], tf.uint8))
+    return {"case_id": f["case_id"], "image": image, "label": label, "modality_mask": f["modality_mask"],
+            "has_label": f["has_label"][0], "spacing": f["spacing"], "affine": tf.reshape(f["affine"], (4, 4)),
+            "original_shape": f["original_shape"], "crop_start": f["crop_start"]}
+
+
+def avmnist_example(sample_id: str, image: np.ndarray, audio: np.ndarray, modality_mask, label: int,
+                    speaker: str = ""):
+    """One AV-MNIST sample -> ``tf.train.Example`` (image ``[28, 28]`` in [0, 1], audio ``[20, 20]`` MFCCs)."""
+    import tensorflow as tf
+
+    image = np.asarray(image, np.float32).reshape(-1)
+    audio = np.asarray(audio, np.float32).reshape(-1)
+    mask = np.asarray(modality_mask, np.int64).reshape(-1)
+    where = f"sample {sample_id!r}"
+    if image.size != 28 * 28 or audio.size != 20 * 20:
+        raise ValueError(f"{where}: image must have 784 values and audio 400, got {image.size} and {audio.size}")
+    if mask.shape != (2,) or mask.sum() == 0 or not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{where}: modality_mask must be two 0/1 values with at least one 1, got {mask.tolist()}")
+    if not (np.all(np.isfinite(image)) and np.all(np.isfinite(audio))):
+        raise ValueError(f"{where}: NaN or Inf in the inputs")
+    features = {
+        "schema_version": _ints([SCHEMA_VERSION]),
+        "task": _bytes(["avmnist"]),
+        "sample_id": _bytes([sample_id]),
+        "modalities": _bytes(list(AVMNIST_MODALITIES)),
+        "modality_mask": _ints(mask),
+        "image": _floats(image * mask[0]),
+        "audio": _floats(audio * mask[1]),
+        "label": _ints([label]),
+        "speaker": _bytes([speaker]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features))
+
+
+def parse_avmnist_example(serialized):
+    """TensorFlow parser: -> dict with ``image`` ``[28, 28, 1]``, ``audio`` ``[20, 20, 1]``, ``modality_mask`` int64
+    ``[2]``, ``label`` int64 scalar, ``sample_id``, ``speaker``."""
+    import tensorflow as tf
+
+    spec = {
+        "schema_version": tf.io.FixedLenFeature([1], tf.int64),
+        "sample_id": tf.io.FixedLenFeature([], tf.string),
+        "modality_mask": tf.io.FixedLenFeature([2], tf.int64),
+        "image": tf.io.FixedLenFeature([28 * 28], tf.float32),
+        "audio": tf.io.FixedLenFeature([20 * 20], tf.float32),
+        "label": tf.io.FixedLenFeature([1], tf.int64),
+        "speaker": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
+    f = tf.io.parse_single_example(serialized, spec)
+    return {"sample_id": f["sample_id"], "speaker": f["speaker"], "modality_mask": f["modality_mask"],
+            "image": tf.reshape(f["image"], AVMNIST_IMAGE_SHAPE), "audio": tf.reshape(f["audio"], AVMNIST_AUDIO_SHAPE),
+            "label": f["label"][0]}
+
+
+def model_inputs(features: dict, task: str):
+    """Parsed features -> ``(inputs, target)`` for the model: BraTS -> (``{"image", "modality_mask"}``, regions
+    ``[D, H, W, 3]`` ET/WT/TC); AV-MNIST -> (``{"image", "audio", "modality_mask"}``, label)."""
+    import tensorflow as tf
+
+    mask = tf.cast(features["modality_mask"], tf.float32)
+    if task == "brats":
+        label = features["label"]
+        regions = tf.stack([label == 4, label > 0, (label == 1) | (label == 4)], axis=-1)
+        return {"image": features["image"], "modality_mask": mask}, tf.cast(regions, tf.float32)
+    if task == "avmnist":
+        return {"image": features["image"], "audio": features["audio"], "modality_mask": mask}, features["label"]
+    raise ValueError(f"unknown task {task!r}: expected brats or avmnist")
