@@ -1,0 +1,633 @@
+"""AV-MNIST as ShaSpec used it: the SMIL protocol (github.com/mengmenm/SMIL), rebuilt from real MNIST digits and Free
+Spoken Digit Dataset (FSDD) recordings, written as sharded TFRecords in the ``schema.avmnist_example`` contract.
+
+The SMIL protocol (paper digest, section 6):
+
+* every FSDD recording of the chosen speakers (SMIL: jackson, nicolas, theo) is one sample; its label is the spoken
+  digit, and it is paired with an MNIST image of the same digit (pairing by label only);
+* the split is by recording index: SMIL tests on takes 0-14 and trains on 15-49. Takes 0-4 are held back in this
+  workspace, so the defaults are test 5-14 (300 samples) and train 15-49 (1050 samples, as SMIL);
+* audio: ``librosa.load(sr=None)`` -> ``wave[::3]`` -> ``librosa.feature.mfcc(sr=8000, n_mfcc=20)`` -> zero-pad the
+  time axis to 20 frames (:func:`mfcc` does this with TensorFlow ops);
+* missing audio (ShaSpec Table 3): all training images are kept, audio only for a fraction ``audio_rate`` of the
+  training samples of each class; evaluation samples keep both modalities.
+
+Differences from SMIL, on purpose or forced: MNIST images come from one npz (``images`` uint8 ``[N, 28, 28]``,
+``labels``), drawn by a seeded shuffle per digit (SMIL takes the first/last rows of its class folders); the image is
+stored in [0, 1] (SMIL's ``Normalize(0.5, 0.5)`` is left to the input pipeline); MFCCs follow librosa's recipe but
+not its numbers (see :func:`mfcc`).
+
+Output of :func:`build_avmnist` (``out_dir``)::
+
+    train-00000-of-0000N.tfrecord ...   # schema.avmnist_example records; train order shuffled by the seed
+    test-00000-of-0000N.tfrecord ...    # test in sorted order (digit, speaker, index)
+    manifest.json                       # counts, audio availability, parameters, sources, and mnist_rows:
+                                        # {sample_id: row of the MNIST npz paired with that recording}
+
+Sample ids are ``"{split}/{digit}_{speaker}_{index}"``, e.g. ``"train/3_theo_17"`` (the WAV's stem).
+
+Only :func:`mfcc`'s resampling path (a WAV not at 8 kHz) needs ``tensorflow-io`` (the ``pipeline`` extra).
+Command line: ``python -m shaspec_tf.data.avmnist OUT_DIR [--audio-rate 0.1] [--seed 0] ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from shaspec_tf.data import schema
+
+# -- MFCC parameters (SMIL's librosa call with librosa's defaults) ----------------------------------------------------
+TARGET_RATE = 8000        # FSDD's rate; other rates are resampled to it
+DECIMATION = 3            # SMIL keeps every 3rd sample (``wave[::3]``) and still calls librosa with sr=8000
+N_FFT = 2048              # librosa.stft defaults: n_fft 2048, hop 512, periodic Hann, centred with reflect padding
+HOP_LENGTH = 512
+N_MELS = 128              # librosa.feature.melspectrogram default; fmin 0, fmax sr / 2
+N_MFCC = 20
+N_FRAMES = 20             # SMIL zero-pads (here: pads or truncates) the time axis to 20 frames
+TOP_DB = 80.0             # librosa.power_to_db(S, ref=1.0, amin=1e-10, top_db=80)
+AMIN = 1e-10
+
+DEFAULT_SPEAKERS = ("jackson", "nicolas", "theo")
+MANIFEST = "manifest.json"
+WAV_PATTERN = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)\.wav$")
+DATA_HELP = ("get the data: FSDD with `git clone https://github.com/Jakobovski/free-spoken-digit-dataset` "
+             "(its recordings/ folder) and MNIST from any source saved as an npz with `images` uint8 [N, 28, 28] "
+             "and `labels`; put them at DIR/fsdd/recordings and DIR/mnist8k.npz and set SHASPEC_DATA=DIR")
+
+
+# -- data location ----------------------------------------------------------------------------------------------------
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Optional[Path]:
+    """Where the real data lives: ``$SHASPEC_DATA`` if set (returned as given, checked by :func:`require_data_dir`),
+    else ``../shared/data`` next to the repository root if that folder exists, else ``None``."""
+    env = os.environ.get("SHASPEC_DATA")
+    if env:
+        return Path(env).expanduser()
+    shared = _repo_root().parent / "shared" / "data"
+    return shared if shared.is_dir() else None
+
+
+def require_data_dir(data_dir: Union[str, Path, None] = None) -> Path:
+    """``data_dir`` (or :func:`default_data_dir`), checked to be a folder; otherwise a one-line
+    ``FileNotFoundError`` saying how to get the data."""
+    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    if path is None:
+        raise FileNotFoundError(f"no AV-MNIST data: SHASPEC_DATA is not set and no ../shared/data next to "
+                                f"{_repo_root()}; {DATA_HELP}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"AV-MNIST data folder {path} does not exist; {DATA_HELP}")
+    return path
+
+
+def default_sources(data_dir: Union[str, Path, None] = None):
+    """``(mnist_npz, fsdd_dir)`` under the data folder: ``DIR/mnist8k.npz`` and ``DIR/fsdd/recordings``."""
+    root = require_data_dir(data_dir)
+    return root / "mnist8k.npz", root / "fsdd" / "recordings"
+
+
+# -- audio -------------------------------------------------------------------------------------------------------------
+def _tf_error(exc: Exception) -> str:
+    """A TensorFlow error message as one short line (without the ``{{function_node ...}}`` and ``[Op:...]`` noise)."""
+    text = getattr(exc, "message", None) or str(exc)
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def load_wav(path) -> tuple:
+    """Read a WAV file -> ``(waveform, rate)``: float32 mono ``[samples]`` in [-1, 1] (channels averaged, as
+    ``librosa.load(mono=True)``) and the sample rate in Hz.
+
+    16-bit PCM (FSDD) is decoded by ``tf.audio.decode_wav``; other encodings (24/32-bit, float) fall back to
+    ``tensorflow_io`` when installed. A missing, empty or corrupt file raises a one-line error naming it."""
+    import tensorflow as tf
+
+    path = str(path)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: WAV file not found")
+    with tf.io.gfile.GFile(path, "rb") as fh:
+        contents = fh.read()
+    try:
+        audio, rate = tf.audio.decode_wav(contents)
+        wave, rate = audio.numpy(), int(rate.numpy())
+    except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as exc:
+        reason = _tf_error(exc)
+        wave = _load_wav_tfio(path) if "16-bit" in reason else None
+        if wave is None:
+            raise ValueError(f"{path}: corrupt or unsupported WAV ({reason})") from None
+        wave, rate = wave
+    if wave.ndim != 2 or wave.shape[0] == 0:
+        raise ValueError(f"{path}: WAV holds no samples")
+    wave = wave.mean(axis=1, dtype=np.float32) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.all(np.isfinite(wave)):
+        raise ValueError(f"{path}: WAV holds NaN or Inf samples")
+    return np.ascontiguousarray(wave, dtype=np.float32), rate
+
+
+def _load_wav_tfio(path):
+    """Non-16-bit WAVs through tensorflow-io -> ``([samples, channels] float32 in [-1, 1], rate)`` or ``None``."""
+    try:
+        import tensorflow_io as tfio
+    except ImportError:
+        return None
+    try:
+        reader = tfio.audio.AudioIOTensor(path)
+        data, rate = reader.to_tensor().numpy(), int(reader.rate.numpy())
+    except Exception:  # noqa: BLE001 - any failure means "cannot read": the caller names the file
+        return None
+    if data.dtype == np.int16:
+        data = data.astype(np.float32) / 32768.0
+    elif data.dtype == np.int32:
+        data = data.astype(np.float32) / 2147483648.0
+    elif data.dtype.kind == "f":
+        data = data.astype(np.float32)
+    else:
+        return None
+    return data, rate
+
+
+def _reflect_indices(n, pad):
+    """Gather indices that pad a length-``n`` signal by ``pad`` on each side like ``np.pad(mode="reflect")``,
+    also when ``pad >= n`` (short clips: numpy, and so librosa, keeps reflecting)."""
+    import tensorflow as tf
+
+    period = tf.maximum(2 * (n - 1), 1)
+    i = tf.math.floormod(tf.range(-pad, n + pad), period)
+    return tf.where(i >= n, period - i, i)
+
+
+def _mfcc_8k(wave):
+    """The MFCC graph for a mono float32 waveform at 8 kHz (see :func:`mfcc`)."""
+    import tensorflow as tf
+
+    wave = tf.reshape(tf.cast(wave, tf.float32), [-1])
+    tf.debugging.assert_positive(tf.size(wave), message="mfcc: empty waveform")
+    wave = wave[::DECIMATION]
+    n = tf.size(wave)
+    padded = tf.gather(wave, _reflect_indices(n, N_FFT // 2))                     # center=True, pad_mode="reflect"
+    spec = tf.signal.stft(padded, frame_length=N_FFT, frame_step=HOP_LENGTH, fft_length=N_FFT,
+                          window_fn=tf.signal.hann_window, pad_end=False)        # [frames, 1025]
+    power = tf.square(tf.abs(spec))
+    weights = tf.signal.linear_to_mel_weight_matrix(num_mel_bins=N_MELS, num_spectrogram_bins=N_FFT // 2 + 1,
+                                                    sample_rate=TARGET_RATE, lower_edge_hertz=0.0,
+                                                    upper_edge_hertz=TARGET_RATE / 2)
+    mel = tf.matmul(power, weights)                                              # [frames, 128]
+    db = 10.0 * tf.math.log(tf.maximum(mel, AMIN)) / tf.math.log(10.0)           # power_to_db, ref 1.0
+    db = tf.maximum(db, tf.reduce_max(db) - TOP_DB)
+    coeffs = tf.signal.mfccs_from_log_mel_spectrograms(db)[:, :N_MFCC]           # [frames, 20]
+    # TF's DCT-II scaling is sqrt(2 / N) for every coefficient; librosa's is orthonormal (sqrt(1 / N) for c0).
+    coeffs = coeffs * tf.constant([0.5 ** 0.5] + [1.0] * (N_MFCC - 1), tf.float32)
+    coeffs = tf.transpose(coeffs)[:, :N_FRAMES]                                  # [20 coefficients, <= 20 frames]
+    coeffs = tf.pad(coeffs, [[0, 0], [0, tf.maximum(N_FRAMES - tf.shape(coeffs)[1], 0)]])
+    return tf.ensure_shape(coeffs, [N_MFCC, N_FRAMES])
+
+
+_MFCC_GRAPH = None
+
+
+def _mfcc_graph():
+    global _MFCC_GRAPH
+    if _MFCC_GRAPH is None:
+        import tensorflow as tf
+
+        _MFCC_GRAPH = tf.function(_mfcc_8k, input_signature=[tf.TensorSpec([None], tf.float32)], autograph=False)
+    return _MFCC_GRAPH
+
+
+def _resample(wave, rate_in):
+    import tensorflow as tf
+
+    try:
+        import tensorflow_io as tfio
+    except ImportError as exc:
+        raise ImportError(f"resampling audio to {TARGET_RATE} Hz needs tensorflow-io "
+                          f"(pip install 'shaspec-tf[pipeline]')") from exc
+    return tfio.audio.resample(tf.reshape(wave, [-1, 1]), rate_in=tf.cast(rate_in, tf.int64),
+                               rate_out=TARGET_RATE)[:, 0]
+
+
+def mfcc(waveform, sample_rate=TARGET_RATE):
+    """MFCCs of one clip as SMIL computes them, with TensorFlow ops only (usable eagerly, in ``tf.data`` and Beam).
+
+    ``waveform``: float32 ``[samples]`` (or ``[samples, channels]``, averaged to mono) in [-1, 1]; ``sample_rate``:
+    Hz, a Python int or a scalar tensor. Returns float32 ``[20, 20]``: **rows are the 20 MFCC coefficients, columns
+    the first 20 time frames** (librosa's ``(n_mfcc, t)`` orientation, as SMIL feeds it as a 20x20 image), zero
+    columns after the clip ends.
+
+    Steps: resample to 8 kHz with ``tfio.audio.resample`` if ``sample_rate`` differs; keep every 3rd sample
+    (SMIL's ``wave[::3]``, still treated as 8 kHz); STFT with n_fft 2048, hop 512, periodic Hann, centred with
+    numpy-style reflect padding of 1024; power ``|X|^2``; 128 mel bands 0-4000 Hz; dB ``10 log10(max(S, 1e-10))``
+    clipped at 80 dB below the clip's maximum; DCT-II keeping 20 coefficients with librosa's orthonormal scaling;
+    pad/truncate to 20 frames. Not numerically librosa's: TF's mel filters are HTK-scale and unnormalised where
+    librosa's are Slaney-scale with area normalisation, so values differ while the shape and the recipe match.
+    """
+    import tensorflow as tf
+
+    wave = tf.convert_to_tensor(waveform, tf.float32)
+    if wave.shape.rank == 2:
+        wave = tf.reduce_mean(wave, axis=1)
+    wave = tf.reshape(wave, [-1])
+    if isinstance(sample_rate, tf.Tensor) and not tf.executing_eagerly():
+        rate = tf.cast(sample_rate, tf.int64)
+        wave = tf.cond(tf.equal(rate, TARGET_RATE), lambda: wave, lambda: _resample(wave, rate))
+    else:
+        rate = int(sample_rate.numpy()) if isinstance(sample_rate, tf.Tensor) else int(sample_rate)
+        if rate <= 0:
+            raise ValueError(f"mfcc: sample_rate must be positive, got {rate}")
+        if rate != TARGET_RATE:
+            wave = _resample(wave, rate)
+    return _mfcc_graph()(wave)
+
+
+def wav_to_mfcc(path):
+    """``tf.data``-friendly: a WAV path (string tensor) -> ``[20, 20]`` MFCCs (16-bit PCM WAVs; no Python)."""
+    import tensorflow as tf
+
+    audio, rate = tf.audio.decode_wav(tf.io.read_file(path))
+    return mfcc(tf.reduce_mean(audio, axis=1), rate)
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recording:
+    digit: int
+    speaker: str
+    index: int
+    path: Path
+
+    @property
+    def stem(self) -> str:
+        return f"{self.digit}_{self.speaker}_{self.index}"
+
+
+def find_recordings(fsdd_dir, speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS):
+    """FSDD WAVs ``{digit}_{speaker}_{index}.wav`` of ``speakers`` (``None``: all) in ``fsdd_dir``, sorted by digit,
+    speaker and index. One-line errors for a missing folder, an unknown speaker or no matching WAV."""
+    folder = Path(fsdd_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"FSDD recordings folder {folder} does not exist; {DATA_HELP}")
+    found = []
+    for entry in folder.iterdir():
+        match = WAV_PATTERN.match(entry.name)
+        if match:
+            found.append(Recording(int(match.group(1)), match.group(2), int(match.group(3)), entry))
+    available = sorted({r.speaker for r in found})
+    if not found:
+        raise FileNotFoundError(f"no FSDD WAVs named {{digit}}_{{speaker}}_{{index}}.wav in {folder}; {DATA_HELP}")
+    if speakers is not None:
+        missing = [s for s in speakers if s not in available]
+        if missing:
+            raise FileNotFoundError(f"no WAVs for speakers {missing} in {folder} (it has {available})")
+        found = [r for r in found if r.speaker in set(speakers)]
+    return sorted(found, key=lambda r: (r.digit, r.speaker, r.index))
+
+
+def load_mnist(mnist_npz):
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` from an npz with ``images`` and ``labels``; one-line errors
+    for a missing file or wrong arrays."""
+    path = Path(mnist_npz)
+    if not path.is_file():
+        raise FileNotFoundError(f"MNIST npz {path} does not exist; {DATA_HELP}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if not {"images", "labels"} <= keys:
+                raise ValueError(f"{path}: expected arrays 'images' (uint8 [N, 28, 28]) and 'labels', "
+                                 f"found {sorted(keys)}")
+            images, labels = data["images"], data["labels"]
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable npz ({exc})") from None
+    if images.ndim == 2 and images.shape[1] == 28 * 28:
+        images = images.reshape(-1, 28, 28)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{path}: 'images' must be [N, 28, 28], got {images.shape}")
+    if images.dtype != np.uint8:
+        if images.dtype.kind not in "iu" or images.size and (images.min() < 0 or images.max() > 255):
+            raise ValueError(f"{path}: 'images' must be uint8 0..255, got {images.dtype}")
+        images = images.astype(np.uint8)
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.dtype.kind not in "iu" or labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: 'labels' must be integer digits 0..9")
+    return images, labels.astype(np.int64)
+
+
+# -- the builder -------------------------------------------------------------------------------------------------------
+def _audio_keep_count(rate: float, n: int) -> int:
+    """How many of a class's ``n`` training samples keep their audio: ``round(rate * n)`` (half up), at least one."""
+    if n == 0:
+        return 0
+    return int(min(n, max(1, np.floor(rate * n + 0.5))))
+
+
+def _shard_counts(shards, splits) -> dict:
+    if isinstance(shards, Mapping):
+        counts = {split: int(shards.get(split, 1)) for split in splits}
+    else:
+        counts = {split: int(shards) for split in splits}
+    bad = {k: v for k, v in counts.items() if v < 1}
+    if bad:
+        raise ValueError(f"shards must be >= 1 per split, got {bad}")
+    return counts
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to replace a folder that is not an earlier AV-MNIST build (or empty)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("task") == "avmnist":
+                return
+        except (OSError, ValueError):
+            pass
+    if any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty and holds no AV-MNIST manifest.json: refusing to replace it")
+
+
+def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
+                  speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS,
+                  test_indices: Iterable[int] = range(5, 15), train_indices: Iterable[int] = range(15, 50),
+                  all_test: bool = False, audio_rate: float = 1.0, seed: int = 0,
+                  shards: Union[int, Mapping[str, int]] = 1, progress: bool = True) -> dict:
+    """Build AV-MNIST by the SMIL protocol into ``out_dir`` and return the manifest (also ``out_dir/manifest.json``).
+
+    ``mnist_npz`` / ``fsdd_dir`` default to :func:`default_sources`. Recordings of ``speakers`` (``None``: all)
+    with an index in ``train_indices`` form the train split, those in ``test_indices`` the test split;
+    ``all_test=True`` puts every recording of those speakers, whatever its index, into one split ``"test"``. Each
+    recording is paired with an MNIST image of its digit: a shuffle of that digit's rows seeded by ``(seed, digit)``;
+    train takes rows from its front, test from its back, so the two never share an image (``manifest["mnist_rows"]``
+    records each sample's row). ``audio_rate`` in (0, 1]: per class, ``round(audio_rate * n)`` training samples
+    (at least one; chosen by ``(seed, digit)``) keep their audio, the others get ``modality_mask [1, 0]`` and zero
+    audio; test samples keep both. ``shards``: files per split (an int, or ``{"train": 4, "test": 1}``); records go
+    round-robin to the shards.
+
+    Everything is written to a hidden sibling folder and renamed into place at the end: a failure leaves an earlier
+    build untouched and no half-written output; a re-run replaces an earlier build (never a folder that is not one).
+    """
+    if mnist_npz is None or fsdd_dir is None:
+        default_npz, default_fsdd = default_sources()
+        mnist_npz = default_npz if mnist_npz is None else mnist_npz
+        fsdd_dir = default_fsdd if fsdd_dir is None else fsdd_dir
+    if not 0.0 < float(audio_rate) <= 1.0:
+        raise ValueError(f"audio_rate must be in (0, 1], got {audio_rate}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if isinstance(speakers, str):
+        speakers = (speakers,)
+    speakers = None if speakers is None else tuple(speakers)
+    train_idx, test_idx = sorted({int(i) for i in train_indices}), sorted({int(i) for i in test_indices})
+    overlap = sorted(set(train_idx) & set(test_idx))
+    if overlap and not all_test:
+        raise ValueError(f"train_indices and test_indices overlap at {overlap}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+
+    images, labels = load_mnist(mnist_npz)
+    recordings = find_recordings(fsdd_dir, speakers)
+    if all_test:
+        selected = {"test": recordings}
+    else:
+        selected = {}
+        for split, indices in (("train", train_idx), ("test", test_idx)):
+            if not indices:
+                continue
+            chosen = [r for r in recordings if r.index in set(indices)]
+            if not chosen:
+                raise FileNotFoundError(f"no WAVs for speakers {list(speakers or [])} with {split} indices "
+                                        f"{indices[0]}..{indices[-1]} in {fsdd_dir}")
+            selected[split] = chosen
+        if not selected:
+            raise ValueError("train_indices and test_indices are both empty")
+    shard_counts = _shard_counts(shards, selected)
+
+    # Pairing: per digit, one seeded permutation of its MNIST rows; train from the front, test from the back.
+    rows = {}
+    for digit in range(10):
+        pool = np.random.default_rng([int(seed), digit]).permutation(np.flatnonzero(labels == digit))
+        n_train = sum(r.digit == digit for r in selected.get("train", []))
+        n_test = sum(r.digit == digit for r in selected.get("test", []))
+        if n_train + n_test > pool.size:
+            raise ValueError(f"{mnist_npz}: digit {digit} needs {n_train + n_test} MNIST images "
+                             f"({n_train} train + {n_test} test) but the npz has {pool.size}")
+        taken = {"train": pool[:n_train], "test": pool[pool.size - n_test:]}
+        for split in selected:
+            for recording, row in zip([r for r in selected[split] if r.digit == digit], taken[split]):
+                rows[(split, recording)] = int(row)
+
+    # Audio availability: per class of the training split, a seeded choice of round(rate * n) samples.
+    has_audio = {}
+    for split, chosen in selected.items():
+        for digit in range(10):
+            members = [r for r in chosen if r.digit == digit]
+            keep = len(members)
+            if split == "train" and audio_rate < 1.0:
+                keep = _audio_keep_count(float(audio_rate), len(members))
+            kept = set(np.random.default_rng([int(seed), digit, 1]).permutation(len(members))[:keep].tolist())
+            for position, recording in enumerate(members):
+                has_audio[(split, recording)] = position in kept
+
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    jobs = [(split, r) for split in selected for r in selected[split]]
+    examples = {split: [] for split in selected}
+    for split, recording in tqdm(jobs, desc="AV-MNIST recordings", unit="wav", disable=not progress):
+        wave, rate = load_wav(recording.path)
+        audio = mfcc(wave, rate).numpy()
+        present = has_audio[(split, recording)]
+        row = rows[(split, recording)]
+        image = images[row].astype(np.float32) / 255.0
+        sample_id = f"{split}/{recording.stem}"
+        example = schema.avmnist_example(sample_id, image, audio if present else np.zeros_like(audio),
+                                         [1, int(present)], recording.digit, recording.speaker)
+        examples[split].append((sample_id, example.SerializeToString(deterministic=True)))
+
+    manifest = {
+        "task": "avmnist",
+        "protocol": "SMIL (mengmenm/SMIL) as used by ShaSpec; see shaspec_tf.data.avmnist",
+        "schema_version": schema.SCHEMA_VERSION,
+        "seed": int(seed),
+        "audio_rate": float(audio_rate),
+        "speakers": list(speakers) if speakers is not None else sorted({r.speaker for r in recordings}),
+        "all_test": bool(all_test),
+        "train_indices": [] if all_test else train_idx,
+        "test_indices": sorted({r.index for r in recordings}) if all_test else test_idx,
+        "sources": {"mnist_npz": str(Path(mnist_npz).resolve()), "fsdd_dir": str(Path(fsdd_dir).resolve())},
+        "mfcc": {"shape": [N_MFCC, N_FRAMES], "orientation": "coefficients x frames", "target_rate": TARGET_RATE,
+                 "decimation": DECIMATION, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
+                 "top_db": TOP_DB},
+        "image": {"shape": [28, 28], "scale": "uint8 / 255 -> [0, 1]"},
+        "splits": {},
+        "mnist_rows": {},
+    }
+    for split, chosen in selected.items():
+        per_class = {str(d): sum(r.digit == d for r in chosen) for d in range(10)}
+        audio_per_class = {str(d): sum(has_audio[(split, r)] for r in chosen if r.digit == d) for d in range(10)}
+        n = shard_counts[split]
+        manifest["splits"][split] = {
+            "count": len(chosen), "per_class": per_class, "audio_count": sum(audio_per_class.values()),
+            "audio_per_class": audio_per_class, "shards": n,
+            "files": [f"{split}-{i:05d}-of-{n:05d}.tfrecord" for i in range(n)],
+            "order": "shuffled by the seed" if split == "train" else "sorted by digit, speaker, index",
+        }
+        for r in chosen:
+            manifest["mnist_rows"][f"{split}/{r.stem}"] = rows[(split, r)]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        for split, records in examples.items():
+            if split == "train":
+                order = np.random.default_rng([int(seed), 10]).permutation(len(records))
+                records = [records[i] for i in order]
+            files = manifest["splits"][split]["files"]
+            writers = [tf.io.TFRecordWriter(str(tmp / name)) for name in files]
+            try:
+                for i, (_, serialized) in enumerate(records):
+                    writers[i % len(writers)].write(serialized)
+            finally:
+                for writer in writers:
+                    writer.close()
+        _write_manifest(tmp, manifest)          # last: a folder without a manifest is never a complete build
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- readers -----------------------------------------------------------------------------------------------------------
+def tfrecord_files(out_dir, split: str):
+    """The TFRecord files of ``split`` in a build, in order (from its manifest)."""
+    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    if split not in manifest["splits"]:
+        raise KeyError(f"{out_dir} has no split {split!r} (it has {sorted(manifest['splits'])})")
+    return [str(Path(out_dir) / name) for name in manifest["splits"][split]["files"]]
+
+
+PUBLISHED_LAYOUT = ("image/{split}_data.npy", "audio/{split}_data.npy", "{split}_labels.npy")
+
+
+def read_published_avmnist(npy_dir, normalize: bool = True, splits=("train", "test")) -> dict:
+    """Read the published AV-MNIST ``.npy`` layout (CentralNet's data as MultiBench's ``get_data.py`` loads it)::
+
+        npy_dir/image/train_data.npy   [N, 784] or [N, 28, 28], 0..255 (PCA-degraded MNIST)
+        npy_dir/audio/train_data.npy   [N, 112, 112] (or [N, 112 * 112]) spectrograms, 0..255
+        npy_dir/train_labels.npy       [N] digits
+        ... and the same with ``test``
+
+    -> ``{split: {"image": float32 [N, 28, 28], "audio": float32 [N, H, W], "label": int64 [N]}}``, image and audio
+    divided by 255 when ``normalize`` (as MultiBench does). This is the 70k CentralNet variant, *not* the SMIL
+    variant ShaSpec used: its 112x112 audio does not fit ``schema.avmnist_example`` (20x20 MFCCs) as is.
+    """
+    root = Path(npy_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"published AV-MNIST folder {root} does not exist")
+    out = {}
+    for split in splits:
+        paths = [root / pattern.format(split=split) for pattern in PUBLISHED_LAYOUT]
+        missing = [str(p.relative_to(root)) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{root}: missing {missing} (expected layout: "
+                                    f"{', '.join(p.format(split=split) for p in PUBLISHED_LAYOUT)})")
+        image, audio, label = (np.load(p, allow_pickle=False) for p in paths)
+        n = label.reshape(-1).shape[0]
+        if image.shape[0] != n or audio.shape[0] != n:
+            raise ValueError(f"{root}: {split} has {image.shape[0]} images, {audio.shape[0]} audios, {n} labels")
+        if image[0].size != 28 * 28:
+            raise ValueError(f"{root}: {split} images must hold 784 values each, got shape {image.shape}")
+        image = image.reshape(n, 28, 28).astype(np.float32)
+        if audio.ndim == 2:
+            side = int(round(audio.shape[1] ** 0.5))
+            if side * side != audio.shape[1]:
+                raise ValueError(f"{root}: {split} flat audio of {audio.shape[1]} values is not square")
+            audio = audio.reshape(n, side, side)
+        audio = audio.astype(np.float32)
+        if normalize:
+            image /= 255.0
+            audio /= 255.0
+        out[split] = {"image": image, "audio": audio, "label": label.reshape(-1).astype(np.int64)}
+    return out
+
+
+# -- command line ------------------------------------------------------------------------------------------------------
+def _indices(text: str):
+    start, _, stop = text.partition(":")
+    return range(int(start), int(stop)) if stop else [int(v) for v in text.split(",") if v]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shaspec_tf.data.avmnist",
+                                     description="Build AV-MNIST (SMIL protocol) TFRecords from MNIST + FSDD.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--data-dir", help="folder with mnist8k.npz and fsdd/recordings (default: SHASPEC_DATA "
+                                           "or ../shared/data)")
+    parser.add_argument("--mnist-npz")
+    parser.add_argument("--fsdd-dir")
+    parser.add_argument("--speakers", default=",".join(DEFAULT_SPEAKERS), help="comma-separated, or 'all'")
+    parser.add_argument("--train-indices", default="15:50", help="START:STOP or a comma list")
+    parser.add_argument("--test-indices", default="5:15", help="START:STOP or a comma list")
+    parser.add_argument("--all-test", action="store_true")
+    parser.add_argument("--audio-rate", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        mnist_npz, fsdd_dir = args.mnist_npz, args.fsdd_dir
+        if mnist_npz is None or fsdd_dir is None:
+            default_npz, default_fsdd = default_sources(args.data_dir)
+            mnist_npz, fsdd_dir = mnist_npz or default_npz, fsdd_dir or default_fsdd
+        speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
+        manifest = build_avmnist(mnist_npz, fsdd_dir, args.out_dir, speakers=speakers,
+                                 train_indices=_indices(args.train_indices), test_indices=_indices(args.test_indices),
+                                 all_test=args.all_test, audio_rate=args.audio_rate, seed=args.seed,
+                                 shards=args.shards)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v['count']} ({v['audio_count']} with audio)" for k, v in manifest["splits"].items())
+    print(f"wrote {args.out_dir}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
