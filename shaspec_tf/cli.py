@@ -2,6 +2,9 @@
 
     shaspec demo [--preset tiny] [--steps 60]     build a model and train it briefly on toy volumes
     shaspec info [--preset paper]                 print a preset's configuration and parameter count
+    shaspec prepare phantom --out DIR --cases N   synthetic BraTS-layout NIfTI cases (MNI152 anatomy)
+    shaspec prepare brats --input DIR --output DIR [Beam options]   NIfTI cases -> TFRecords (Apache Beam)
+    shaspec prepare avmnist --out DIR [--mnist NPZ --fsdd DIR]      AV-MNIST (SMIL protocol) -> TFRecords
 """
 from __future__ import annotations
 
@@ -84,6 +87,53 @@ def _info(args) -> int:
     return 0
 
 
+def _quiet_beam_logs() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("apache_beam", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _prepare_phantom(args, extra) -> int:
+    from shaspec_tf.data.phantom import write_phantom_dataset
+
+    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    summary = write_phantom_dataset(args.out, args.cases, shape=shape, seed=args.seed, drop_rate=args.drop_rate)
+    print(f"wrote {args.cases} phantom cases to {os.path.abspath(args.out)} (details: phantoms.json)")
+    return 0 if summary is not None else 1
+
+
+def _prepare_brats(args, extra) -> int:
+    from shaspec_tf.data.beam_brats import prepare_brats
+
+    _quiet_beam_logs()
+    manifest = prepare_brats(args.input, args.output, eval_fraction=args.eval_fraction, shards=args.shards,
+                             require_label=not args.unlabelled, strict=args.strict,
+                             crop_to_brain=not args.no_crop, beam_args=extra, workers=args.workers)
+    splits = ", ".join(f"{name} {info['cases']}" for name, info in manifest["splits"].items())
+    print(f"wrote {manifest['written']} of {manifest['discovered']} cases ({splits}) to "
+          f"{os.path.abspath(args.output)} in {manifest['seconds']:.1f} s; rejected {len(manifest['rejected'])}"
+          + "".join(f"\n  rejected {r['case_id']}: {r['reason']}" for r in manifest["rejected"]))
+    return 0
+
+
+def _prepare_avmnist(args, extra) -> int:
+    from shaspec_tf.data.avmnist import _indices, build_avmnist, default_sources
+
+    mnist, fsdd = args.mnist, args.fsdd
+    if mnist is None or fsdd is None:
+        default_mnist, default_fsdd = default_sources(args.data_dir)
+        mnist, fsdd = mnist or default_mnist, fsdd or default_fsdd
+    speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
+    manifest = build_avmnist(mnist, fsdd, args.out, speakers=speakers, train_indices=_indices(args.train_indices),
+                             test_indices=_indices(args.test_indices), all_test=args.all_test,
+                             audio_rate=args.audio_rate, seed=args.seed, shards=args.shards)
+    counts = ", ".join(f"{k} {v['count']} ({v['audio_count']} with audio)" for k, v in manifest["splits"].items())
+    print(f"wrote {os.path.abspath(args.out)}: {counts}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shaspec", description="ShaSpec missing-modality learning (Keras 3 / TFX)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,12 +154,59 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a preset's configuration and parameter count")
     info.add_argument("--preset", default="paper", help="tiny, small, paper, avmnist, avmnist-tiny")
     info.set_defaults(func=_info)
+
+    prepare = sub.add_parser("prepare", help="turn raw data into TFRecords with modality masks").add_subparsers(
+        dest="dataset", required=True)
+    phantom = prepare.add_parser("phantom", help="synthetic BraTS-layout NIfTI cases on the MNI152 anatomy")
+    phantom.add_argument("--out", required=True)
+    phantom.add_argument("--cases", type=int, required=True)
+    phantom.add_argument("--shape", help="D,H,W (default: a small CPU size; 155,240,240 for full BraTS size)")
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--drop-rate", type=float, default=0.0, help="probability of leaving out each sequence")
+    phantom.set_defaults(func=_prepare_phantom)
+
+    brats = prepare.add_parser("brats", help="BraTS NIfTI cases -> sharded TFRecords (Apache Beam); unknown "
+                                             "options go to Beam, e.g. --runner DataflowRunner --project P ...")
+    brats.add_argument("--input", required=True, help="folder of BraTS 2018-2021 or 2023 case folders")
+    brats.add_argument("--output", required=True)
+    brats.add_argument("--eval-fraction", type=float, default=0.2)
+    brats.add_argument("--shards", type=int, default=1, help="TFRecord shards per split")
+    brats.add_argument("--workers", type=int, help="DirectRunner processes (default: CPU count)")
+    brats.add_argument("--strict", action="store_true", help="fail the job on the first bad case")
+    brats.add_argument("--unlabelled", action="store_true", help="cases without segmentations are fine")
+    brats.add_argument("--no-crop", action="store_true", help="keep whole volumes (no crop to the brain)")
+    brats.set_defaults(func=_prepare_brats, beam_passthrough=True)
+
+    av = prepare.add_parser("avmnist", help="AV-MNIST by the SMIL protocol from MNIST digits + spoken digits")
+    av.add_argument("--out", required=True)
+    av.add_argument("--mnist", help="npz with images uint8 [N, 28, 28] and labels (default: from --data-dir)")
+    av.add_argument("--fsdd", help="folder of FSDD recordings {digit}_{speaker}_{index}.wav")
+    av.add_argument("--data-dir", help="folder with mnist8k.npz and fsdd/recordings (default: $SHASPEC_DATA, "
+                                       "else ../shared/data)")
+    av.add_argument("--speakers", default="jackson,nicolas,theo", help="comma-separated, or 'all'")
+    av.add_argument("--train-indices", default="15:50", help="recording indices, START:STOP or a comma list")
+    av.add_argument("--test-indices", default="5:15")
+    av.add_argument("--all-test", action="store_true", help="turn every recording into one evaluation split")
+    av.add_argument("--audio-rate", type=float, default=1.0, help="fraction of training samples keeping audio")
+    av.add_argument("--seed", type=int, default=0)
+    av.add_argument("--shards", type=int, default=1)
+    av.set_defaults(func=_prepare_avmnist)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam_passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.func in (_demo, _info):
+            return args.func(args)
+        return args.func(args, extra)
+    except (OSError, ValueError) as error:  # bad input: one line, no traceback
+        print(f"shaspec {args.command}: error: {str(error).splitlines()[0] if str(error) else error!r}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
