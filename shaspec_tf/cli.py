@@ -88,11 +88,30 @@ def _info(args) -> int:
 
 
 def _quiet_beam_logs() -> None:
+    """Beam at WARNING, except our per-case progress lines, which multi-processing workers forward through the
+    local job service wrapped in a proto dump: keep those, unwrapped."""
     import logging
+    import re
 
+    # Beam's worker processes import TensorFlow afresh; keep google-api-core's Python-version notice out of them too.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("apache_beam", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    message = re.compile(r'message: "([^"]*)"')
+    harmless = ("No semi_persistent_directory", "Discarding unparseable args")
+
+    class CaseProgress(logging.Filter):
+        def filter(self, record):
+            text = record.getMessage()
+            if "beam_brats.py" in text and message.search(text):
+                record.msg, record.args, record.name = message.search(text).group(1), (), "shaspec.prepare"
+                return True
+            return record.levelno >= logging.WARNING and not any(h in text for h in harmless)
+
+    forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    forwarded.setLevel(logging.INFO)
+    forwarded.addFilter(CaseProgress())
 
 
 def _prepare_phantom(args, extra) -> int:
