@@ -87,3 +87,15 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["prepare", "brats", "--input", str(tmp_path / "absent"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "absent" in err[0]
+
+
+def test_beam_options_pass_through_and_default_to_multiprocessing():
+    from shaspec_tf.data.beam_brats import _pipeline_options
+
+    default = _pipeline_options([], 2).get_all_options()
+    assert (default["runner"], default["direct_running_mode"], default["direct_num_workers"]) == (
+        "DirectRunner", "multi_processing", 2)
+    dataflow = _pipeline_options(["--runner", "DataflowRunner", "--project", "p", "--region", "r"], 2)
+    opts = dataflow.get_all_options(drop_default=True)
+    assert opts["runner"] == "DataflowRunner" and opts["project"] == "p" and opts["region"] == "r"
+    assert "direct_running_mode" not in opts

@@ -73,10 +73,16 @@ def _pipeline_options(beam_args: Sequence[str], workers: int):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     args = list(beam_args)
-    if not any(a.startswith("--runner") for a in args):
+    runner = None
+    for i, a in enumerate(args):  # "--runner=X" or "--runner X"
+        if a.startswith("--runner="):
+            runner = a.split("=", 1)[1]
+        elif a == "--runner" and i + 1 < len(args):
+            runner = args[i + 1]
+    if runner is None:
+        runner = "DirectRunner"
         args.append("--runner=DirectRunner")
-    runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), None)
-    if runner in (None, "DirectRunner") and not any(a.startswith("--direct_running_mode") for a in args):
+    if runner == "DirectRunner" and not any(a.startswith("--direct_running_mode") for a in args):
         args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     return PipelineOptions(args)
 
