@@ -5,6 +5,7 @@
     shaspec prepare phantom --out DIR --cases N   synthetic BraTS-layout NIfTI cases (MNI152 anatomy)
     shaspec prepare brats --input DIR --output DIR [Beam options]   NIfTI cases -> TFRecords (Apache Beam)
     shaspec prepare avmnist --out DIR [--mnist NPZ --fsdd DIR]      AV-MNIST (SMIL protocol) -> TFRecords
+    shaspec train --task brats|avmnist --data DIR --out DIR [--steps N | --epochs N]   train, resumable
 """
 from __future__ import annotations
 
@@ -153,6 +154,24 @@ def _prepare_avmnist(args, extra) -> int:
     return 0
 
 
+def _train(args, extra) -> int:
+    from shaspec_tf.training.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        task=args.task, data=args.data, out=args.out, preset=args.preset, variant=args.variant, steps=args.steps,
+        epochs=args.epochs, checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
+        crop_size=tuple(int(v) for v in args.crop.split(",")) if args.crop else None, regime=args.regime,
+        subset=args.subset, warmup_steps=args.warmup_steps, ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
+        learning_rate=args.lr, schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        mixed_precision=args.mixed_precision, jit_compile=args.xla, run_eagerly=args.eager, strategy=args.strategy,
+        audio_rate=args.audio_rate, seed=args.seed)
+    result = train(config)
+    last = {k: v[-1] for k, v in result["history"].items() if v}
+    print(f"trained to step {result['steps']} (resumed from {result['resumed_from_step']}): "
+          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())) + f"; outputs in {os.path.abspath(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shaspec", description="ShaSpec missing-modality learning (Keras 3 / TFX)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +229,36 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--seed", type=int, default=0)
     av.add_argument("--shards", type=int, default=1)
     av.set_defaults(func=_prepare_avmnist)
+
+    tr = sub.add_parser("train", help="train ShaSpec (or the baseline) on prepared TFRecords; re-running the same "
+                                      "command resumes from the last checkpoint")
+    tr.add_argument("--task", required=True, choices=("brats", "avmnist"))
+    tr.add_argument("--data", required=True, help="the output folder of 'shaspec prepare'")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--preset", help="model preset (default: small for brats, avmnist for avmnist)")
+    tr.add_argument("--variant", default="shaspec", choices=("shaspec", "baseline"))
+    length = tr.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=int)
+    tr.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--crop", help="training crop D,H,W (brats; default: the preset's)")
+    tr.add_argument("--regime", default="non-dedicated", choices=("non-dedicated", "dedicated"))
+    tr.add_argument("--subset", help="dedicated training: the available modalities, e.g. flair+t1ce")
+    tr.add_argument("--warmup-steps", type=int, default=0, help="steps with every modality before dropout")
+    tr.add_argument("--ramp-steps", type=int, default=0, help="ramp the dropout rate from 0 over this many steps")
+    tr.add_argument("--drop-rate", type=float, default=1.0, help="probability that a sample's modalities are dropped")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--schedule", default="poly", choices=("poly", "cosine", "constant"))
+    tr.add_argument("--optimizer", choices=("sgd", "adam"))
+    tr.add_argument("--weight-decay", type=float)
+    tr.add_argument("--mixed-precision", default="off", choices=("off", "bf16", "fp16"))
+    tr.add_argument("--xla", action="store_true", help="compile the train step with XLA (slow to compile on CPU)")
+    tr.add_argument("--eager", action="store_true", help="run eagerly (debugging)")
+    tr.add_argument("--strategy", default="default", choices=("default", "mirrored", "multi_worker"))
+    tr.add_argument("--audio-rate", type=float, help="avmnist: keep audio for this fraction of training samples")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=_train)
     return parser
 
 

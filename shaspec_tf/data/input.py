@@ -131,11 +131,12 @@ def augment_case(features, index, seed, crop_size, aug: Augmentation):
 def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), training: bool = True,
                   seed: int = 0, augmentation: Optional[Augmentation] = None,
                   dropout: Optional[ModalityDropout] = None, repeat: Optional[bool] = None,
-                  shuffle_buffer: int = 16, num_modalities: int = 4) -> tf.data.Dataset:
+                  shuffle_buffer: int = 16, num_modalities: int = 4, start_step: int = 0) -> tf.data.Dataset:
     """BraTS TFRecords -> ``({"image", "modality_mask"}, regions)`` batches.
 
-    Training: shuffled, repeated, cropped to ``crop_size`` with augmentation and modality dropout. Evaluation
-    (``training=False``): whole cases, unbatched shapes, masks as recorded.
+    Training: shuffled, repeated, cropped to ``crop_size`` with augmentation and modality dropout; ``start_step``
+    skips the batches a resumed run has already seen, so it continues with exactly the batches an uninterrupted run
+    would have drawn. Evaluation (``training=False``): whole cases, unbatched shapes, masks as recorded.
     """
     files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
@@ -149,7 +150,7 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
     if repeat is None or repeat:
         ds = ds.repeat()
     ds = ds.shuffle(shuffle_buffer, seed=seed)
-    ds = ds.enumerate()
+    ds = ds.enumerate().skip(start_step * batch_size)
 
     def prepare(index, features):
         features = augment_case(features, index, seed, crop_size, aug)
@@ -162,13 +163,25 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
 
 
 def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, seed: int = 0,
-                    dropout: Optional[ModalityDropout] = None, shuffle_buffer: int = 2048) -> tf.data.Dataset:
-    """AV-MNIST TFRecords -> ``({"image", "audio", "modality_mask"}, label)`` batches (``dropout`` optional: the
-    recorded masks already carry the audio-rate protocol)."""
+                    dropout: Optional[ModalityDropout] = None, shuffle_buffer: int = 2048,
+                    audio_rate: Optional[float] = None) -> tf.data.Dataset:
+    """AV-MNIST TFRecords -> ``({"image", "audio", "modality_mask"}, label)`` batches.
+
+    ``audio_rate`` R keeps the audio of a fixed fraction R of the samples (chosen by a hash of the sample id, so the
+    same samples every epoch) and marks it absent for the rest, on top of what the records hold (the builder's
+    ``--audio-rate`` does the same at build time, per class). ``dropout`` adds per-batch modality dropout."""
     files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
     ds = tf.data.TFRecordDataset(sorted(files)).map(parse_avmnist_example, num_parallel_calls=AUTOTUNE)
+    if audio_rate is not None:
+        def limit_audio(features):
+            bucket = tf.strings.to_hash_bucket_fast(features["sample_id"], 1_000_000)
+            keep = tf.cast(tf.cast(bucket, tf.float64) / 1e6 < audio_rate, tf.int64)
+            keep = tf.maximum(keep, 1 - features["modality_mask"][0])  # never leave a sample with nothing
+            mask = features["modality_mask"] * tf.stack([tf.constant(1, tf.int64), keep])
+            return dict(features, modality_mask=mask, audio=features["audio"] * tf.cast(mask[1], tf.float32))
+        ds = ds.map(limit_audio, num_parallel_calls=AUTOTUNE)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if training and dropout is not None:
