@@ -24,3 +24,146 @@ def region_dice(logits, regions, names=("ET", "WT", "TC"), threshold: float = 0.
     logits = np.asarray(logits)
     regions = np.asarray(regions)
     return {name: dice(logits[..., k] > threshold, regions[..., k] > 0.5) for k, name in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Surface distance (HD95), BraTS label-map regions, classification accuracy.
+# ---------------------------------------------------------------------------------------------------------------------
+
+HD95_EMPTY_POLICY = ("HD95: both masks empty -> 0 mm; exactly one mask empty -> undefined (NaN, left out of means) "
+                     "unless a fixed penalty is given (e.g. 373.13 mm, the BraTS challenge tools' value)")
+HD95_METHOD = ("HD95: the larger of the two directed 95th percentiles (linear interpolation) of the surface-to-surface "
+               "distances in mm (the MONAI / BraTS convention); surface = mask voxels with a face neighbour outside "
+               "the mask")
+HD95_POOLED_METHOD = ("HD95: 95th percentile (linear interpolation) of the surface-to-surface distances in mm, both "
+                      "directions pooled (the medpy `hd95` convention)")
+BRATS_CHALLENGE_HD95_PENALTY = 373.12866  # mm: the BraTS tools' value when exactly one of prediction/reference is empty
+
+# BraTS 2018-2021 label maps: 1 = necrotic/non-enhancing core, 2 = oedema, 4 = enhancing tumour (BraTS 2023 uses 3).
+BRATS_LABEL_REGIONS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
+BRATS2023_LABEL_REGIONS = {"ET": (3,), "WT": (1, 2, 3), "TC": (1, 3)}
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels of a boolean mask: voxels of the mask with at least one face neighbour (connectivity 1) outside
+    it; voxels on the array border count as boundary (the outside of the array is background)."""
+    from scipy import ndimage
+
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def surface_distances(prediction, reference, spacing=None):
+    """Directed surface distances ``(prediction -> reference, reference -> prediction)`` in the units of ``spacing``.
+
+    Each boundary voxel of one mask gets the Euclidean distance to the nearest boundary voxel of the other, computed
+    with ``scipy.ndimage.distance_transform_edt(~other_surface, sampling=spacing)``. Both masks must be non-empty.
+    The work is done on the bounding box of the union of both masks, which gives the same surfaces and distances as the
+    full array (every voxel outside the box is background, and every surface voxel lies inside it), only faster.
+    """
+    from scipy import ndimage
+
+    p = np.asarray(prediction, dtype=bool)
+    r = np.asarray(reference, dtype=bool)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    if not p.any() or not r.any():
+        raise ValueError("surface distances need two non-empty masks")
+    spacing = _spacing(spacing, p.ndim)
+    union = p | r
+    box = []
+    for axis in range(p.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    box = tuple(box)
+    p_surface, r_surface = _surface(p[box]), _surface(r[box])
+    to_reference = ndimage.distance_transform_edt(~r_surface, sampling=spacing)[p_surface]
+    to_prediction = ndimage.distance_transform_edt(~p_surface, sampling=spacing)[r_surface]
+    return to_reference, to_prediction
+
+
+def _spacing(spacing, ndim: int) -> tuple:
+    if spacing is None:
+        return (1.0,) * ndim
+    spacing = tuple(float(s) for s in np.broadcast_to(np.asarray(spacing, dtype=float), (ndim,)))
+    if any(not np.isfinite(s) or s <= 0 for s in spacing):
+        raise ValueError(f"voxel spacing must be positive, got {spacing}")
+    return spacing
+
+
+def hd95(prediction, reference, spacing=(1.0, 1.0, 1.0), empty_penalty: float | None = None,
+         percentile: float = 95.0, method: str = "max") -> float:
+    """95th-percentile Hausdorff distance between two binary masks, in millimetres (the units of ``spacing``).
+
+    Surfaces are the boundary voxels of each mask (mask voxels with a face neighbour outside the mask); every surface
+    voxel of one mask gets the Euclidean distance (``distance_transform_edt`` with ``sampling=spacing``) to the nearest
+    surface voxel of the other.
+
+    ``method="max"`` (default): the larger of the two directed 95th percentiles (NumPy's linear interpolation), as
+    MONAI's ``compute_hausdorff_distance(percentile=95)`` and the BraTS tools do. ``method="pooled"``: both
+    directions' distances are pooled and the 95th percentile taken over the pool (medpy's ``hd95``; Google DeepMind's
+    ``surface-distance`` also takes the larger directed value, but weights each surface element by its area, so its
+    numbers differ slightly again). ``"max"`` is never smaller than ``"pooled"``; both are symmetric in their arguments.
+
+    Empty policy (:data:`HD95_EMPTY_POLICY`): both masks empty -> ``0.0``; exactly one empty -> ``NaN`` (undefined),
+    or ``empty_penalty`` when given (e.g. :data:`BRATS_CHALLENGE_HD95_PENALTY` = 373.13 mm, or the volume diagonal).
+    """
+    if method not in ("pooled", "max"):
+        raise ValueError(f"method must be 'pooled' or 'max', got {method!r}")
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    p = np.asarray(prediction, dtype=bool)
+    r = np.asarray(reference, dtype=bool)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction shape {p.shape} differs from reference shape {r.shape}")
+    p_any, r_any = bool(p.any()), bool(r.any())
+    if not p_any and not r_any:
+        return 0.0
+    if not p_any or not r_any:
+        return float("nan") if empty_penalty is None else float(empty_penalty)
+    forward, backward = surface_distances(p, r, spacing)
+    if method == "max":
+        return float(max(np.percentile(forward, percentile), np.percentile(backward, percentile)))
+    return float(np.percentile(np.concatenate([forward, backward]), percentile))
+
+
+def region_masks(labels, regions=None) -> dict:
+    """BraTS label map -> ``{"ET": bool mask, "WT": ..., "TC": ...}`` (``regions`` maps a name to its label values;
+    default :data:`BRATS_LABEL_REGIONS`: WT = {1, 2, 4}, TC = {1, 4}, ET = {4})."""
+    labels = np.asarray(labels)
+    regions = BRATS_LABEL_REGIONS if regions is None else regions
+    return {name: np.isin(labels, np.asarray(values)) for name, values in regions.items()}
+
+
+def region_metrics(labels_pred, labels_true, spacing=(1.0, 1.0, 1.0), empty_penalty: float | None = None,
+                   regions=None, hd_method: str = "max") -> dict:
+    """Dice and HD95 per BraTS region of two label maps (uint8 with values {0, 1, 2, 4}).
+
+    Returns ``{"ET": {"dice": ..., "hd95": ...}, "WT": {...}, "TC": {...}}`` with WT = {1, 2, 4}, TC = {1, 4},
+    ET = {4} (pass ``regions=BRATS2023_LABEL_REGIONS`` for the BraTS 2023 labels, where ET = 3). Dice follows
+    :data:`BRATS_EMPTY_POLICY` (empty vs empty = 1, empty vs non-empty = 0); HD95 follows :data:`HD95_EMPTY_POLICY`.
+    """
+    pred = np.asarray(labels_pred)
+    true = np.asarray(labels_true)
+    if pred.shape != true.shape:
+        raise ValueError(f"prediction label map shape {pred.shape} differs from reference shape {true.shape}")
+    pred_masks = region_masks(pred, regions)
+    true_masks = region_masks(true, regions)
+    return {name: {"dice": dice(pred_masks[name], true_masks[name]),
+                   "hd95": hd95(pred_masks[name], true_masks[name], spacing, empty_penalty=empty_penalty,
+                                method=hd_method)}
+            for name in true_masks}
+
+
+def accuracy(pred_classes, labels) -> float:
+    """Fraction of correct class predictions. ``pred_classes`` holds class indices with the shape of ``labels``, or
+    scores/logits with one more trailing axis (then its argmax is taken)."""
+    pred = np.asarray(pred_classes)
+    labels = np.asarray(labels)
+    if pred.ndim == labels.ndim + 1:
+        pred = pred.argmax(axis=-1)
+    if pred.shape != labels.shape:
+        raise ValueError(f"predictions of shape {pred.shape} do not match labels of shape {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("accuracy of zero samples is undefined")
+    return float(np.mean(pred == labels))

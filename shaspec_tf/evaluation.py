@@ -1,0 +1,541 @@
+"""Missing-modality evaluation: score a model on every available-modality subset and write the paper-style reports.
+
+    results = evaluate_subsets(predict_fn, cases, BRATS_MODALITIES)          # predict_fn(case, mask) -> label map
+    write_reports(results, "runs/eval", title="ShaSpec, BraTS 2018 split 1")
+    compare_models({"ShaSpec": results, "Baseline": baseline}, "runs/compare")
+
+Every table has one row per non-empty modality subset, in :func:`shaspec_tf.data.masks.all_subsets` order (singles
+first, the full set last: 15 rows for BraTS, 3 for AV-MNIST), and an "Average" row, the mean of the subset means (the
+paper's "Average" row, so every subset weighs the same whatever its number of cases).
+
+Segmentation (BraTS): each case is a dict with whatever ``predict_fn`` needs plus ``"labels"`` (the reference label
+map, values {0, 1, 2, 4}) and optionally ``"spacing"`` (voxel size in mm, default 1 mm isotropic) and ``"case_id"``;
+``predict_fn`` returns a label map of the same shape. Regions: WT = {1, 2, 4}, TC = {1, 4}, ET = {4}. Dice: empty
+prediction vs empty reference = 1 (BraTS), HD95 per :data:`shaspec_tf.metrics.HD95_EMPTY_POLICY`.
+
+Classification (AV-MNIST): each case holds ``"label"`` (one label or an array of labels: a case may be a batch) and
+``predict_fn`` returns class indices (or scores with a trailing class axis). A subset's accuracy pools all samples.
+
+The reports are written with Matplotlib's non-interactive Agg canvas (no pyplot, no global backend change).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from shaspec_tf.data.masks import all_subsets, subset_name
+from shaspec_tf.metrics import (BRATS_EMPTY_POLICY, BRATS_LABEL_REGIONS, HD95_EMPTY_POLICY, HD95_METHOD,
+                                HD95_POOLED_METHOD, accuracy,
+                                region_metrics)
+
+TASKS = ("segmentation", "classification")
+MEAN_KEY = "mean"
+MEAN_LABEL = "Average"
+MEAN_POLICY = "Average = mean of the subset means (every subset weighs the same)"
+ACCURACY_POLICY = "Accuracy pools every sample of a subset (correct / total)"
+DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2", "image": "Image", "audio": "Audio"}
+
+__all__ = ["compare_models", "evaluate_subsets", "load_results", "markdown_report", "write_reports"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _resolve_subsets(subsets, modalities) -> list:
+    """``None`` | names | 0/1 masks | (name, mask) pairs -> ``(name, mask)`` pairs in ``all_subsets`` order."""
+    canonical = all_subsets(modalities)
+    if subsets is None:
+        return canonical
+    order = {name: k for k, (name, _) in enumerate(canonical)}
+    chosen = {}
+    for item in subsets:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            item = item[1]
+        if isinstance(item, str):
+            parts = item.split("+")
+            unknown = [p for p in parts if p not in modalities]
+            if unknown or not parts:
+                raise ValueError(f"subset {item!r} names unknown modalities {unknown}; "
+                                 f"modalities are {list(modalities)}")
+            mask = np.array([m in parts for m in modalities], dtype=np.float32)
+        else:
+            mask = np.asarray(item, dtype=np.float32).reshape(-1)
+            if mask.shape != (len(modalities),):
+                raise ValueError(f"subset mask {item!r} does not have one entry per modality {list(modalities)}")
+            mask = (mask > 0).astype(np.float32)
+        name = subset_name(mask, modalities)
+        chosen[name] = canonical[order[name]]
+    if not chosen:
+        raise ValueError("no subsets to evaluate")
+    return sorted(chosen.values(), key=lambda pair: order[pair[0]])
+
+
+def _case_id(index: int, case, seen: set) -> str:
+    case_id = None
+    if isinstance(case, Mapping):
+        case_id = case.get("case_id", case.get("id"))
+    case_id = f"case_{index:04d}" if case_id is None else str(case_id)
+    if case_id in seen:
+        raise ValueError(f"duplicate case id {case_id!r}: give every case a unique 'case_id'")
+    seen.add(case_id)
+    return case_id
+
+
+def _nanmean(values) -> float:
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterable, modalities: Sequence[str],
+                     subsets=None, progress: bool = True, task: str = "segmentation", spacing=(1.0, 1.0, 1.0),
+                     empty_penalty: float | None = None, regions: Mapping | None = None,
+                     hd_method: str = "max") -> dict:
+    """Score ``predict_fn`` on every case under every modality subset.
+
+    Args:
+        predict_fn: ``predict_fn(case, mask) -> prediction``; ``mask`` is the float32 0/1 presence vector, one entry
+            per modality (as :func:`shaspec_tf.data.masks.all_subsets` gives it). Segmentation: a label map shaped
+            like ``case["labels"]``; classification: class indices shaped like ``case["label"]`` (or scores with a
+            trailing class axis).
+        cases: an iterable of dicts (read once: each case is loaded once and predicted under every subset, so a
+            generator over large volumes is fine). Optional ``"case_id"`` (default ``case_0000``, ...).
+        modalities: modality names in mask order, e.g. ``("flair", "t1", "t1ce", "t2")``.
+        subsets: ``None`` (all 2^M - 1) or subset names (``"flair+t1ce"``), 0/1 masks or ``(name, mask)`` pairs.
+        progress: print one line per case to stderr.
+        task: ``"segmentation"`` (Dice and HD95 per region) or ``"classification"`` (accuracy).
+        spacing: voxel size in mm when a case has no ``"spacing"``.
+        empty_penalty: HD95 when exactly one of prediction/reference is empty (default ``None``: NaN, left out of the
+            means and counted under ``"hd95_undefined"``).
+        regions: region name -> label values (default ``BRATS_LABEL_REGIONS``: ET {4}, WT {1, 2, 4}, TC {1, 4}).
+        hd_method: ``"pooled"`` or ``"max"``, see :func:`shaspec_tf.metrics.hd95`.
+
+    Returns:
+        A JSON-friendly dict: ``"summary"`` maps each subset name (``all_subsets`` order) and ``"mean"`` to the metrics
+        (``{"ET": {"dice", "hd95"}, "WT": ..., "TC": ...}`` or ``{"accuracy"}``); ``"per_case"`` maps subset ->
+        case id -> metrics; plus ``"task"``, ``"modalities"``, ``"subsets"``, ``"columns"`` (regions or
+        ``["accuracy"]``), ``"metrics"``, ``"case_ids"``, ``"n_cases"``, ``"hd95_undefined"`` (subset -> region ->
+        number of cases left out of the HD95 mean), ``"policy"`` (the empty-mask and averaging rules, as text).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    modalities = tuple(modalities)
+    if MEAN_KEY in modalities:
+        raise ValueError(f"a modality may not be called {MEAN_KEY!r}")
+    chosen = _resolve_subsets(subsets, modalities)
+    names = [name for name, _ in chosen]
+    regions = dict(BRATS_LABEL_REGIONS if regions is None else regions)
+    columns = list(regions) if task == "segmentation" else ["accuracy"]
+    per_case = {name: {} for name in names}
+    case_ids: list = []
+    seen: set = set()
+    total = len(cases) if hasattr(cases, "__len__") else None
+    start = time.time()
+    for index, case in enumerate(cases):
+        case_id = _case_id(index, case, seen)
+        case_ids.append(case_id)
+        tick = time.time()
+        for name, mask in chosen:
+            prediction = predict_fn(case, mask.copy())
+            try:
+                if task == "segmentation":
+                    per_case[name][case_id] = region_metrics(
+                        prediction, case["labels"], case.get("spacing", spacing) if isinstance(case, Mapping)
+                        else spacing, empty_penalty=empty_penalty, regions=regions, hd_method=hd_method)
+                else:
+                    label = np.asarray(case["label"])
+                    per_case[name][case_id] = {"accuracy": accuracy(prediction, label),
+                                               "count": int(label.size)}
+                    per_case[name][case_id]["correct"] = int(round(per_case[name][case_id]["accuracy"] * label.size))
+            except (KeyError, ValueError) as error:
+                raise type(error)(f"case {case_id!r}, subset {name!r}: {error}") from error
+        if progress:
+            of = f"/{total}" if total is not None else ""
+            print(f"[{index + 1}{of}] {case_id}: {len(chosen)} subsets in {time.time() - tick:.1f} s",
+                  file=sys.stderr, flush=True)
+    if not case_ids:
+        raise ValueError("no cases to evaluate")
+
+    summary: dict = {}
+    undefined: dict = {}
+    if task == "segmentation":
+        for name in names:
+            scores = per_case[name].values()
+            summary[name] = {r: {"dice": float(np.mean([s[r]["dice"] for s in scores])),
+                                 "hd95": _nanmean(s[r]["hd95"] for s in scores)} for r in columns}
+            undefined[name] = {r: int(sum(math.isnan(s[r]["hd95"]) for s in scores)) for r in columns}
+        summary[MEAN_KEY] = {r: {"dice": float(np.mean([summary[n][r]["dice"] for n in names])),
+                                 "hd95": _nanmean(summary[n][r]["hd95"] for n in names)} for r in columns}
+        metric_names = ["dice", "hd95"]
+    else:
+        for name in names:
+            scores = per_case[name].values()
+            summary[name] = {"accuracy": sum(s["correct"] for s in scores) / sum(s["count"] for s in scores)}
+        summary[MEAN_KEY] = {"accuracy": float(np.mean([summary[n]["accuracy"] for n in names]))}
+        metric_names = ["accuracy"]
+    if progress:
+        print(f"evaluated {len(case_ids)} cases x {len(names)} subsets in {time.time() - start:.1f} s",
+              file=sys.stderr, flush=True)
+    policy = {"mean": MEAN_POLICY}
+    if task == "segmentation":
+        policy.update(dice=BRATS_EMPTY_POLICY, hd95=HD95_EMPTY_POLICY if empty_penalty is None else
+                      f"HD95: both masks empty -> 0 mm; exactly one mask empty -> {empty_penalty:g} mm",
+                      hd95_method=HD95_METHOD if hd_method == "max" else HD95_POOLED_METHOD,
+                      regions={r: list(v) for r, v in regions.items()})
+    else:
+        policy.update(accuracy=ACCURACY_POLICY)
+    return {"task": task, "modalities": list(modalities), "subsets": names, "columns": columns,
+            "metrics": metric_names, "case_ids": case_ids, "n_cases": len(case_ids), "summary": summary,
+            "per_case": per_case, "hd95_undefined": undefined, "empty_penalty": empty_penalty, "policy": policy}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Serialisation
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _jsonable(value):
+    """NumPy scalars -> Python numbers; NaN/inf -> ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def _nan_from_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_from_none(v) for k, v in value.items()}
+    return float("nan") if value is None else value
+
+
+def load_results(path: str) -> dict:
+    """Read back the results that :func:`write_reports` saved (``metrics_per_case.json``, or its folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics_per_case.json")
+    with open(path) as f:
+        results = json.load(f)
+    results["summary"] = _nan_from_none(results["summary"])
+    results["per_case"] = _nan_from_none(results["per_case"])
+    return results
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(_jsonable(value), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _display(modality: str) -> str:
+    return DISPLAY_NAMES.get(modality, modality)
+
+
+def _row_keys(results) -> list:
+    return list(results["subsets"]) + [MEAN_KEY]
+
+
+def _row_label(key: str) -> str:
+    return MEAN_LABEL if key == MEAN_KEY else key
+
+
+def _value(results, key: str, column: str, metric: str) -> float:
+    row = results["summary"][key]
+    value = row[column][metric] if results["task"] == "segmentation" else row[metric]
+    return float("nan") if value is None else float(value)
+
+
+def _fmt(value: float, percent: bool) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100.0 * value:.2f}" if percent else f"{value:.2f}"
+
+
+def _presence(results, key: str) -> list:
+    if key == MEAN_KEY:
+        return [""] * len(results["modalities"])
+    present = key.split("+")
+    return ["●" if m in present else "○" for m in results["modalities"]]
+
+
+def _table(header: list, rows: list) -> list:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _footer(results, daggers: bool = True) -> list:
+    policy = results.get("policy", {})
+    lines = ["", f"*{results['n_cases']} cases per subset. {MEAN_POLICY}.*"]
+    if results["task"] == "segmentation":
+        regions = policy.get("regions", {r: list(v) for r, v in BRATS_LABEL_REGIONS.items()})
+        lines.append("*Regions: " + ", ".join(f"{r} = {{{', '.join(str(v) for v in vals)}}}"
+                                              for r, vals in regions.items()) + ".*")
+        lines.append(f"*Empty-mask policy: {BRATS_EMPTY_POLICY}; an empty prediction against a non-empty reference "
+                     f"scores 0. {policy.get('hd95', HD95_EMPTY_POLICY)}.*")
+        lines.append(f"*{policy.get('hd95_method', HD95_METHOD)}.*")
+        if results.get("empty_penalty") is None:
+            lines.append("*HD95 means leave out the undefined cases (n/a: undefined for every case), so they can look "
+                         "better than the Dice; evaluate with empty_penalty=373.13 for BraTS-challenge-style means.*")
+        if daggers and any(n for row in results.get("hd95_undefined", {}).values() for n in row.values()):
+            lines.append("*† HD95 undefined (exactly one mask empty) for some cases of this subset: those cases are "
+                         "left out of its HD95 mean; see metrics_per_case.json.*")
+    else:
+        lines.append(f"*{policy.get('accuracy', ACCURACY_POLICY)}.*")
+    return lines
+
+
+def markdown_report(results, title: str = "Missing-modality evaluation") -> str:
+    """The paper-style Markdown table: one row per subset (presence dots + name) and the Average row; Dice and
+    accuracy in %, HD95 in mm, 2 decimals."""
+    seg = results["task"] == "segmentation"
+    header = [_display(m) for m in results["modalities"]] + ["Subset"]
+    if seg:
+        header += [f"{r} Dice (%)" for r in results["columns"]] + [f"{r} HD95 (mm)" for r in results["columns"]]
+    else:
+        header += ["Accuracy (%)"]
+    undefined = results.get("hd95_undefined", {})
+    rows = []
+    for key in _row_keys(results):
+        label = f"**{MEAN_LABEL}**" if key == MEAN_KEY else key
+        cells = _presence(results, key) + [label]
+        if seg:
+            cells += [_fmt(_value(results, key, r, "dice"), True) for r in results["columns"]]
+            cells += [_fmt(_value(results, key, r, "hd95"), False) + ("†" if undefined.get(key, {}).get(r) else "")
+                      for r in results["columns"]]
+        else:
+            cells += [_fmt(_value(results, key, "accuracy", "accuracy"), True)]
+        rows.append(cells)
+    return "\n".join([f"# {title}", ""] + _table(header, rows) + _footer(results)) + "\n"
+
+
+def _csv_columns(results) -> list:
+    if results["task"] == "segmentation":
+        return ([(f"{r}_dice", r, "dice") for r in results["columns"]] +
+                [(f"{r}_hd95_mm", r, "hd95") for r in results["columns"]])
+    return [("accuracy", "accuracy", "accuracy")]
+
+
+def _csv_cell(value: float) -> str:
+    return "" if math.isnan(value) else repr(float(value))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _heatmap_panel(fig, ax, matrix, row_labels, col_labels, title, cmap, vmin, vmax, fmt, colorbar_label,
+                   mean_row: bool = True, colorbar: bool = True):
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(col_labels)), labels=col_labels)
+    ax.set_yticks(range(len(row_labels)), labels=row_labels)
+    ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False)
+    ax.set_title(title, fontsize=10, pad=22)
+    cmap_obj = image.get_cmap()
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            value = matrix[i, j]
+            if math.isnan(value):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="black")
+                continue
+            rgba = cmap_obj(image.norm(value))
+            luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+            ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
+                    color="black" if luminance > 0.55 else "white")
+    if mean_row and len(row_labels) > 1:
+        ax.axhline(len(row_labels) - 1.5, color="black", linewidth=1.5)
+    if colorbar:
+        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
+        bar.set_label(colorbar_label)
+    return image
+
+
+def _score_matrix(results) -> tuple:
+    """Rows: subsets + Average; columns: region Dice or accuracy, in %."""
+    keys = _row_keys(results)
+    metric = "dice" if results["task"] == "segmentation" else "accuracy"
+    columns = results["columns"]
+    matrix = np.array([[100.0 * _value(results, k, c, metric) for c in columns] for k in keys], dtype=float)
+    col_labels = [f"{c} Dice" for c in columns] if metric == "dice" else ["Accuracy"]
+    return matrix, [_row_label(k) for k in keys], col_labels, ("Dice (%)" if metric == "dice" else "Accuracy (%)")
+
+
+def _new_figure(width: float, rows: int):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, 0.36 * rows + 1.6), dpi=150, layout="constrained")
+
+
+def _save_heatmap(results, path: str, title: str) -> None:
+    matrix, rows, cols, label = _score_matrix(results)
+    fig = _new_figure(2.6 + 1.1 * len(cols), len(rows))
+    ax = fig.add_subplot(1, 1, 1)
+    _heatmap_panel(fig, ax, matrix, rows, cols, title, "viridis", 0.0, 100.0, "{:.1f}", label)
+    ax.set_ylabel("Available modalities")
+    fig.savefig(path, format="png")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------------------
+
+def write_reports(results, out_dir: str, title: str = "Missing-modality evaluation",
+                  models: Mapping[str, dict] | None = None, name: str = "This model") -> dict:
+    """Write the evaluation reports into ``out_dir`` and return their paths.
+
+    * ``metrics.json``: the summary keyed by subset name plus ``"mean"`` (NaN written as ``null``).
+    * ``metrics_per_case.json``: the full results (per-case metrics, policy, counts); :func:`load_results` reads it.
+    * ``metrics.csv`` (one row per subset + ``mean``; Dice/accuracy as fractions, HD95 in mm) and
+      ``metrics_per_case.csv``.
+    * ``metrics.md``: the paper-style table (Dice/accuracy in %, 2 decimals) with the policies in its footer.
+    * ``heatmap.png``: subsets x regions Dice (or accuracy) heat-map, values annotated.
+
+    ``models``: other models' results (name -> results); when given, :func:`compare_models` also writes
+    ``comparison.{md,csv,png}`` here, with these results called ``name``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {key: os.path.join(out_dir, file) for key, file in
+             (("json", "metrics.json"), ("per_case_json", "metrics_per_case.json"), ("csv", "metrics.csv"),
+              ("per_case_csv", "metrics_per_case.csv"), ("markdown", "metrics.md"), ("heatmap", "heatmap.png"))}
+    _write_json(paths["json"], {key: results["summary"][key] for key in _row_keys(results)})
+    _write_json(paths["per_case_json"], {**results, "title": title})
+
+    columns = _csv_columns(results)
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subset", *results["modalities"], *[c[0] for c in columns]])
+        for key in _row_keys(results):
+            present = key.split("+")
+            flags = [""] * len(results["modalities"]) if key == MEAN_KEY else \
+                [int(m in present) for m in results["modalities"]]
+            writer.writerow([key, *flags, *[_csv_cell(_value(results, key, c, m)) for _, c, m in columns]])
+
+    with open(paths["per_case_csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        if results["task"] == "segmentation":
+            writer.writerow(["subset", "case_id", "region", "dice", "hd95_mm"])
+            for subset in results["subsets"]:
+                for case_id, scores in results["per_case"][subset].items():
+                    for region in results["columns"]:
+                        writer.writerow([subset, case_id, region, _csv_cell(scores[region]["dice"]),
+                                         _csv_cell(scores[region]["hd95"])])
+        else:
+            writer.writerow(["subset", "case_id", "accuracy", "correct", "count"])
+            for subset in results["subsets"]:
+                for case_id, scores in results["per_case"][subset].items():
+                    writer.writerow([subset, case_id, _csv_cell(scores["accuracy"]), scores["correct"],
+                                     scores["count"]])
+
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_report(results, title))
+    _save_heatmap(results, paths["heatmap"], title)
+    if models:
+        paths.update({f"comparison_{k}": v for k, v in
+                      compare_models({name: results, **dict(models)}, out_dir, title=f"{title}: comparison").items()})
+    return paths
+
+
+def _check_comparable(models: Mapping[str, dict]) -> dict:
+    if not models:
+        raise ValueError("compare_models needs at least one model's results")
+    first_name, first = next(iter(models.items()))
+    for model, results in models.items():
+        for key in ("task", "modalities", "columns"):
+            a = list(results[key]) if isinstance(results[key], (list, tuple)) else results[key]
+            b = list(first[key]) if isinstance(first[key], (list, tuple)) else first[key]
+            if a != b:
+                raise ValueError(f"{model!r} and {first_name!r} differ in {key}: {a} vs {b}")
+        if set(results["subsets"]) != set(first["subsets"]):
+            raise ValueError(f"{model!r} and {first_name!r} were evaluated on different subsets, so their averages "
+                             f"are not comparable: {sorted(set(results['subsets']) ^ set(first['subsets']))}")
+    return first
+
+
+def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model comparison") -> dict:
+    """Side-by-side tables and heat-maps of several models' :func:`evaluate_subsets` results.
+
+    Writes ``comparison.md`` (Dice or accuracy in %, then HD95 in mm for segmentation; one column per region per
+    model, the best value of each row and region in bold, the Average row last), ``comparison.csv`` (one row per
+    subset + ``mean``; columns ``<model>:<region>_dice`` etc., raw fractions and mm) and ``comparison.png`` (one
+    heat-map panel per model on a shared 0-100 scale, plus a difference panel, first model minus second, when there
+    are exactly two). The models must share task, modalities, regions and evaluated subsets. Returns the paths.
+    """
+    first = _check_comparable(models)
+    names = list(models)
+    ordered = {n: {**r, "subsets": list(first["subsets"])} for n, r in models.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"markdown": os.path.join(out_dir, "comparison.md"), "csv": os.path.join(out_dir, "comparison.csv"),
+             "heatmap": os.path.join(out_dir, "comparison.png")}
+    seg = first["task"] == "segmentation"
+    keys = _row_keys(ordered[names[0]])
+
+    def section(metric: str, percent: bool, higher_is_better: bool, heading: str) -> list:
+        columns = first["columns"] if seg else ["accuracy"]
+        header = [_display(m) for m in first["modalities"]] + ["Subset"]
+        header += [f"{c if seg else 'Accuracy'} · {n}" for c in columns for n in names]
+        rows = []
+        for key in keys:
+            cells = _presence(first, key) + [f"**{MEAN_LABEL}**" if key == MEAN_KEY else key]
+            for c in columns:
+                values = [_value(ordered[n], key, c, metric) for n in names]
+                finite = [v for v in values if not math.isnan(v)]
+                best = (max(finite) if higher_is_better else min(finite)) if len(set(finite)) > 1 else None
+                cells += [f"**{_fmt(v, percent)}**" if best is not None and v == best else _fmt(v, percent)
+                          for v in values]
+            rows.append(cells)
+        return [f"## {heading}", ""] + _table(header, rows) + [""]
+
+    lines = [f"# {title}", "", "Models: " + ", ".join(f"**{n}** ({ordered[n]['n_cases']} cases)" for n in names), ""]
+    if seg:
+        lines += section("dice", True, True, "Dice (%)")
+        lines += section("hd95", False, False, "HD95 (mm)")
+    else:
+        lines += section("accuracy", True, True, "Accuracy (%)")
+    lines += ["**Average** rows: " + "; ".join(
+        f"{n}: " + ", ".join(f"{c} {_fmt(_value(ordered[n], MEAN_KEY, c, 'dice' if seg else 'accuracy'), True)}"
+                             for c in first["columns"]) for n in names) + (" (Dice %)." if seg else " (accuracy %).")]
+    lines += _footer(first, daggers=False)[1:]
+    lines.append(f"*Bold: the best value of the row for that {'region' if seg else 'metric'} (none on ties).*")
+    with open(paths["markdown"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = _csv_columns(first)
+        writer.writerow(["subset"] + [f"{n}:{col}" for col, _, _ in columns for n in names])
+        for key in keys:
+            writer.writerow([key] + [_csv_cell(_value(ordered[n], key, c, m)) for _, c, m in columns for n in names])
+
+    panels = [(n, *_score_matrix(ordered[n])) for n in names]
+    count = len(panels) + (1 if len(names) == 2 else 0)
+    width_per = 2.6 + 1.1 * len(first["columns"])
+    fig = _new_figure(width_per * count, len(keys))
+    for k, (n, matrix, rows, cols, label) in enumerate(panels):
+        ax = fig.add_subplot(1, count, k + 1)
+        _heatmap_panel(fig, ax, matrix, rows if k == 0 else [""] * len(rows), cols, n, "viridis", 0.0, 100.0,
+                       "{:.1f}", label, colorbar=k == len(panels) - 1)
+    if len(names) == 2:
+        diff = panels[0][1] - panels[1][1]
+        finite = np.abs(diff[np.isfinite(diff)])
+        limit = max(float(finite.max()) if finite.size else 0.0, 1.0)
+        ax = fig.add_subplot(1, count, count)
+        _heatmap_panel(fig, ax, diff, [""] * len(keys), panels[0][3], f"{names[0]} − {names[1]}", "RdBu", -limit,
+                       limit, "{:+.1f}", "difference (points)")
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(paths["heatmap"], format="png")
+    return paths
