@@ -1,0 +1,321 @@
+"""Whole-volume inference: window placement, blending, TTA, label maps and the "ShaSpec*" post-processing."""
+import itertools
+
+import numpy as np
+import pytest
+
+from shaspec_tf.inference import (gaussian_importance_map, postprocess, predict_case, probabilities_to_labels,
+                                  sliding_window_predict, window_starts)
+
+MASK = np.array([1, 1, 1, 1], dtype=np.float32)
+
+
+# -- fake models --------------------------------------------------------------------------------------------------
+class VoxelModel:
+    """Logits are a per-voxel function of the (masked) image: position independent and flip equivariant, so a
+    sliding window must reproduce the whole-volume output exactly. Records the shape of every batch."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.kernel = rng.normal(size=(4, 3)).astype(np.float32)
+        self.bias = rng.normal(size=3).astype(np.float32)
+        self.calls = []
+
+    def logits(self, image, mask):
+        x = image * mask[:, None, None, None, :]
+        return np.tanh(x @ self.kernel) * 3.0 + self.bias
+
+    def predict_on_batch(self, inputs):
+        self.calls.append(inputs["image"].shape)
+        return {"logits": self.logits(inputs["image"], inputs["modality_mask"]), "other": np.zeros(1)}
+
+    def direct(self, image, mask=MASK):
+        return 1.0 / (1.0 + np.exp(-self.logits(image[None].astype(np.float64), mask[None])[0]))
+
+
+class RampModel:
+    """Logits depend only on the position inside the tile (a ramp along D from -2 to 2): not position
+    independent; callable only through ``__call__`` (no ``predict_on_batch``)."""
+
+    def __call__(self, inputs):
+        b, d, h, w, _ = inputs["image"].shape
+        ramp = np.linspace(-2.0, 2.0, d, dtype=np.float32)
+        return {"logits": np.broadcast_to(ramp[None, :, None, None, None], (b, d, h, w, 3)).copy()}
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _volume(shape, seed=1):
+    return np.random.default_rng(seed).normal(size=tuple(shape) + (4,)).astype(np.float32)
+
+
+# -- windows ------------------------------------------------------------------------------------------------------
+def test_window_starts_reproduce_the_official_tiles():
+    assert window_starts(155, 80, 1 / 3) == (0, 54, 75)
+    assert window_starts(240, 160, 1 / 3) == (0, 80)
+    tiles = list(itertools.product(window_starts(155, 80), window_starts(240, 160), window_starts(240, 160)))
+    assert len(tiles) == 12
+
+
+@pytest.mark.parametrize("size,roi,overlap", [(155, 80, 1 / 3), (240, 160, 1 / 3), (70, 32, 1 / 3), (40, 32, 0.5),
+                                              (33, 32, 0.0), (100, 16, 0.75), (32, 32, 1 / 3), (20, 32, 1 / 3)])
+def test_window_starts_cover_every_voxel_and_stay_inside(size, roi, overlap):
+    starts = window_starts(size, roi, overlap)
+    assert starts[0] == 0 and list(starts) == sorted(set(starts))
+    covered = np.zeros(max(size, roi), dtype=int)
+    for s in starts:
+        assert s + roi <= max(size, roi)
+        covered[s:s + roi] += 1
+    assert covered[:size].min() >= 1
+    if size > roi:
+        assert starts[-1] + roi == size
+        assert max(np.diff(starts)) <= int(np.ceil(roi * (1 - overlap) - 1e-9))
+
+
+def test_gaussian_map_peaks_at_centre_and_is_positive_at_corners():
+    g = gaussian_importance_map((32, 64, 64), 0.125)
+    assert g.shape == (32, 64, 64) and g.dtype == np.float32
+    peak = np.unravel_index(np.argmax(g), g.shape)
+    assert peak in {(a, b, c) for a in (15, 16) for b in (31, 32) for c in (31, 32)}
+    assert np.isclose(g.max(), 1.0)
+    assert g[0, 0, 0] > 0 and g[-1, -1, -1] > 0 and g[0, 0, 0] < 0.01
+    np.testing.assert_array_equal(g, g[::-1, ::-1, ::-1])  # symmetric: same weights for flipped windows
+    assert g[16, 32, 32] > g[8, 32, 32] > g[0, 32, 32]
+    # sigma = sigma_scale * roi along each axis: one sigma off centre (4 voxels along D) is exp(-1/2) of the peak
+    odd = gaussian_importance_map((33, 33, 33), 0.125)
+    assert np.isclose(odd[20, 16, 16],
+                      np.exp(-0.5 * (4 / (0.125 * 33)) ** 2), rtol=1e-5)
+
+
+# -- sliding window -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("shape", [(40, 70, 70), (20, 70, 45)])
+def test_sliding_window_equals_whole_volume_output(mode, shape):
+    model = VoxelModel()
+    image = _volume(shape)
+    prob = sliding_window_predict(model, image, MASK, roi_size=(32, 32, 32), mode=mode)
+    assert prob.shape == shape + (3,) and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, model.direct(image), rtol=1e-5, atol=1e-6)
+    assert all(call[1:4] == (32, 32, 32) for call in model.calls)  # padded tiles, never beyond the ROI
+
+
+def test_sw_batch_size_batches_windows_without_changing_results():
+    image = _volume((40, 70, 70))
+    one, four = VoxelModel(), VoxelModel()
+    a = sliding_window_predict(one, image, MASK, roi_size=(32, 32, 32), sw_batch_size=1)
+    b = sliding_window_predict(four, image, MASK, roi_size=(32, 32, 32), sw_batch_size=4)
+    np.testing.assert_array_equal(a, b)
+    n = len(window_starts(40, 32)) * len(window_starts(70, 32)) ** 2  # 2 * 3 * 3 = 18
+    assert [c[0] for c in one.calls] == [1] * n
+    assert [c[0] for c in four.calls] == [4, 4, 4, 4, 2]
+
+
+def test_constant_mode_averages_overlapping_tiles():
+    # Two windows along D (starts 0 and 16); each voxel gets the mean of the ramp values of the tiles covering it.
+    prob = sliding_window_predict(RampModel(), _volume((48, 32, 32)), MASK, roi_size=(32, 32, 32), overlap=0.5,
+                                  mode="constant")
+    ramp = _sigmoid(np.linspace(-2.0, 2.0, 32))
+    expected = np.zeros(48)
+    count = np.zeros(48)
+    for s in (0, 16):
+        expected[s:s + 32] += ramp
+        count[s:s + 32] += 1
+    np.testing.assert_allclose(prob[:, 5, 7, 1], expected / count, rtol=1e-6)
+    # Gaussian blending weighs each tile by the importance map at the voxel's place in the tile.
+    gauss = sliding_window_predict(RampModel(), _volume((48, 32, 32)), MASK, roi_size=(32, 32, 32), overlap=0.5)
+    g = gaussian_importance_map((32, 32, 32))[:, 16, 9]
+    num, den = np.zeros(48), np.zeros(48)
+    for s in (0, 16):
+        num[s:s + 32] += g * ramp
+        den[s:s + 32] += g
+    np.testing.assert_allclose(gauss[:, 16, 9, 0], num / den, rtol=1e-5)
+    # so the tile whose centre is nearer dominates: D = 28 sits near the second tile's centre (16 + 15.5)
+    assert abs(gauss[28, 16, 16, 0] - ramp[12]) < 0.1 * abs(gauss[28, 16, 16, 0] - ramp[28])
+    assert abs(prob[28, 16, 16, 0] - ramp[12]) > 0.1
+
+
+def test_smaller_axis_is_padded_after_the_end_and_cropped():
+    prob = sliding_window_predict(RampModel(), _volume((20, 40, 40)), MASK, roi_size=(32, 32, 32), mode="constant")
+    assert prob.shape == (20, 40, 40, 3)
+    np.testing.assert_allclose(prob[:, 0, 0, 2], _sigmoid(np.linspace(-2.0, 2.0, 32))[:20], rtol=1e-6)
+
+
+def test_tta_flips_are_flipped_back():
+    model = VoxelModel()
+    image = _volume((40, 70, 45))
+    plain = sliding_window_predict(model, image, MASK, roi_size=(32, 32, 32))
+    model.calls.clear()
+    tta = sliding_window_predict(model, image, MASK, roi_size=(32, 32, 32), tta_flips=True)
+    np.testing.assert_allclose(tta, plain, rtol=1e-5, atol=1e-6)
+    assert len(model.calls) == 8 * 3  # 8 flip combinations x 3 batches of 4 (2 * 3 * 2 = 12 windows)
+    # A position-dependent model: the D ramp and its flip average to exactly 0.5; without TTA it does not.
+    ramp_plain = sliding_window_predict(RampModel(), image[:32, :32, :32], MASK, roi_size=(32, 32, 32))
+    ramp_tta = sliding_window_predict(RampModel(), image[:32, :32, :32], MASK, roi_size=(32, 32, 32),
+                                      tta_flips=True)
+    np.testing.assert_allclose(ramp_tta, 0.5, atol=1e-6)
+    assert np.abs(ramp_plain - 0.5).max() > 0.3
+
+
+def test_absent_modality_is_masked_and_progress_runs():
+    model = VoxelModel()
+    image = _volume((32, 40, 40))
+    mask = np.array([1, 0, 1, 1], dtype=np.float32)
+    prob = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32), progress=True)
+    np.testing.assert_allclose(prob, model.direct(image, mask), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(prob, model.direct(image))
+
+
+@pytest.mark.parametrize("kwargs,image_shape,mask,message", [
+    ({}, (32, 32, 32), MASK, r"image must be one volume \[D, H, W, 4\]"),
+    ({}, (32, 32, 32, 3), MASK, r"image must be one volume"),
+    ({}, (1, 32, 32, 32, 4), MASK, r"image must be one volume"),
+    ({}, (32, 32, 32, 4), np.ones(3), r"modality_mask must have shape \[4\]"),
+    ({}, (32, 32, 32, 4), np.ones((1, 4)), r"modality_mask must have shape \[4\]"),
+    ({}, (32, 32, 32, 4), np.zeros(4), r"modality_mask is all zero"),
+    ({}, (32, 32, 32, 4), np.array([1, 0.5, 0, 0]), r"only 0 and 1"),
+    ({"roi_size": (30, 32, 32)}, (32, 32, 32, 4), MASK, r"must be divisible by \(16, 32, 32\)"),
+    ({"roi_size": (32, 48, 32)}, (32, 32, 32, 4), MASK, r"must be divisible by"),
+    ({"roi_size": (16, 32, 32)}, (32, 32, 32, 4), MASK, r"1x1x1 bottleneck"),
+    ({"roi_size": (32, 32)}, (32, 32, 32, 4), MASK, r"three positive integers"),
+    ({"overlap": 1.0}, (32, 32, 32, 4), MASK, r"overlap must be in \[0, 1\)"),
+    ({"overlap": -0.1}, (32, 32, 32, 4), MASK, r"overlap must be in \[0, 1\)"),
+    ({"mode": "linear"}, (32, 32, 32, 4), MASK, r"mode must be 'gaussian' or 'constant'"),
+    ({"sw_batch_size": 0}, (32, 32, 32, 4), MASK, r"sw_batch_size must be a positive integer"),
+    ({"sigma_scale": 0.0}, (32, 32, 32, 4), MASK, r"sigma_scale must be > 0"),
+])
+def test_bad_inputs_raise_one_line_value_errors(kwargs, image_shape, mask, message):
+    model = VoxelModel()
+    with pytest.raises(ValueError, match=message) as err:
+        sliding_window_predict(model, np.zeros(image_shape, np.float32), mask, **{"roi_size": (32, 32, 32), **kwargs})
+    assert "\n" not in str(err.value)
+    assert model.calls == []  # rejected before any model call
+
+
+def test_bad_model_output_and_helper_arguments_raise():
+    class Wrong:
+        def predict_on_batch(self, inputs):
+            return {"logits": np.zeros(inputs["image"].shape[:4] + (3,))[:, :16]}
+
+    with pytest.raises(ValueError, match=r"model logits must have shape \[batch, 32, 32, 32, classes\]"):
+        sliding_window_predict(Wrong(), _volume((32, 32, 32)), MASK, roi_size=(32, 32, 32))
+    with pytest.raises(ValueError, match="overlap must be in"):
+        window_starts(100, 32, 1.5)
+    with pytest.raises(ValueError, match="size >= 1 and roi >= 1"):
+        window_starts(0, 32)
+    with pytest.raises(ValueError, match=r"prob must be \[D, H, W, 3\]"):
+        probabilities_to_labels(np.zeros((4, 4, 4, 2)))
+    with pytest.raises(ValueError, match="BraTS values"):
+        postprocess(np.full((4, 4, 4), 3))
+    with pytest.raises(ValueError, match=r"\[D, H, W\] label map"):
+        postprocess(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="t1ce must have the label map's shape"):
+        postprocess(np.zeros((4, 4, 4)), t1ce=np.zeros((4, 4, 5)))
+
+
+# -- labels -------------------------------------------------------------------------------------------------------
+def test_label_map_precedence():
+    # channels ET, WT, TC
+    cases = {(1, 1, 1): 4, (0, 1, 0): 2, (0, 1, 1): 1, (0, 0, 0): 0, (1, 0, 0): 4, (0, 0, 1): 1, (1, 1, 0): 4}
+    prob = np.array([[[[0.9 if on else 0.1 for on in key] for key in cases]]], dtype=np.float32)
+    labels = probabilities_to_labels(prob)
+    assert labels.dtype == np.uint8 and labels.shape == (1, 1, len(cases))
+    assert labels[0, 0].tolist() == list(cases.values())
+    # 0.5 itself is off (the official np.around rounds 0.5 to 0); the threshold is adjustable
+    assert probabilities_to_labels(np.full((1, 1, 1, 3), 0.5, np.float32)).item() == 0
+    assert probabilities_to_labels(np.full((1, 1, 1, 3), 0.3, np.float32), threshold=0.25).item() == 4
+
+
+def test_predict_case_returns_labels_and_probabilities():
+    model = VoxelModel()
+    image = _volume((32, 40, 40))
+    labels, prob = predict_case(model, image, MASK, roi_size=(32, 32, 32), mode="constant")
+    np.testing.assert_array_equal(labels, probabilities_to_labels(prob))
+    np.testing.assert_allclose(prob, model.direct(image), rtol=1e-5, atol=1e-6)
+    post, _ = predict_case(model, image, MASK, roi_size=(32, 32, 32), postprocess_options={})
+    np.testing.assert_array_equal(post, postprocess(labels))
+
+
+# -- post-processing ----------------------------------------------------------------------------------------------
+def _blobs():
+    labels = np.zeros((48, 48, 48), dtype=np.uint8)
+    labels[10:30, 10:30, 10:30] = 2   # large (8000 voxels, up to D = 29): kept
+    labels[15:25, 15:25, 15:25] = 4   # 1000 ET voxels inside it
+    labels[40:45, 40:45, 40:45] = 1   # small (125 < min(2000, 800)): removed
+    labels[0:15, 35:48, 0:15] = 2     # 2925 voxels but entirely at D <= 25: removed
+    labels[30:34, 30:34, 30:34] = 2   # 64 voxels touching the large cube at a corner only: separate, removed
+    labels[10:14, 30:34, 30:34] = 2   # 64 voxels sharing an edge (H/W diagonal) with the large cube: joined, kept
+    return labels
+
+
+def test_postprocess_removes_small_and_low_components():
+    labels = _blobs()
+    before = labels.copy()
+    out = postprocess(labels)
+    np.testing.assert_array_equal(labels, before)  # pure
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out[10:30, 10:30, 10:30], before[10:30, 10:30, 10:30])
+    assert not out[40:45, 40:45, 40:45].any()
+    assert not out[0:15, 35:48, 0:15].any()
+    assert not out[30:34, 30:34, 30:34].any()
+    assert (out[10:14, 30:34, 30:34] == 2).all()
+    assert np.count_nonzero(out) == 8000 + 64
+    # the rules are parameters: 26-connectivity joins the corner cube, the low-slice rule can be switched off
+    joined = postprocess(labels, connectivity=3)
+    assert (joined[30:34, 30:34, 30:34] == 2).all()
+    no_low = postprocess(labels, low_slice_max=None)
+    assert (no_low[0:15, 35:48, 0:15] == 2).all()
+    assert np.array_equal(postprocess(labels, remove_components=False), labels)
+    # the low-slice rule reads axis 0 (the NIfTI slice axis k): the same block along W is kept
+    moved = np.zeros_like(labels)
+    moved[10:30, 10:30, 10:30] = 2
+    moved[35:48, 0:15, 0:15] = 2
+    assert (postprocess(moved)[35:48, 0:15, 0:15] == 2).all()
+
+
+def test_postprocess_turns_small_et_into_ncr():
+    labels = np.zeros((40, 40, 40), dtype=np.uint8)
+    labels[5:35, 5:35, 5:35] = 2
+    labels[10:20, 10:20, 10:15] = 4                       # 500 ET voxels: kept
+    assert np.count_nonzero(postprocess(labels) == 4) == 500
+    labels[10, 10, 10] = 2                                # 499: all of them become NCR
+    out = postprocess(labels)
+    assert np.count_nonzero(out == 4) == 0 and np.count_nonzero(out == 1) == 499
+    assert np.count_nonzero(postprocess(labels, et_min_voxels=400) == 4) == 499
+
+
+def test_postprocess_kmeans_relabels_the_darker_oedema():
+    labels = np.zeros((40, 40, 40), dtype=np.uint8)
+    labels[5:35, 5:35, 5:35] = 2                          # 27000 oedema voxels
+    labels[18:22, 18:22, 18:20] = 4                       # 32 ET voxels: ET sum 128 < 450, ratios tiny
+    t1ce = np.zeros(labels.shape, dtype=np.float32)
+    t1ce[5:35, 5:35, 5:20] = 100.0                        # darker half of the oedema
+    t1ce[5:35, 5:35, 20:35] = 300.0                       # brighter half
+    out = postprocess(labels, t1ce=t1ce)
+    edema = labels == 2
+    assert (out[edema & (t1ce == 100.0)] == 1).all()
+    assert (out[edema & (t1ce == 300.0)] == 2).all()
+    assert (out[labels == 4] == 1).all()                  # and ET < 500 -> NCR
+    assert not out[labels == 0].any()
+    # without T1ce, or when a condition fails (too many NCR voxels), the oedema stays
+    assert (postprocess(labels)[edema] == 2).all()
+    assert (postprocess(labels, t1ce=t1ce, kmeans_max_ncr=0)[edema] == 2).all()
+
+
+# -- the real model -----------------------------------------------------------------------------------------------
+def test_tiny_shaspec_model_end_to_end():
+    import shaspec_tf
+
+    model = shaspec_tf.build_segmenter("tiny")
+    image = _volume((40, 72, 72), seed=3)
+    mask = np.array([1, 1, 0, 1], dtype=np.float32)
+    prob = sliding_window_predict(model, image, mask, roi_size=(32, 64, 64), sw_batch_size=4)
+    assert prob.shape == (40, 72, 72, 3) and prob.dtype == np.float32
+    assert np.isfinite(prob).all() and prob.min() >= 0.0 and prob.max() <= 1.0
+    changed = image.copy()
+    changed[..., 2] = np.random.default_rng(7).normal(size=changed.shape[:3]) * 5.0  # the absent T1ce
+    np.testing.assert_allclose(sliding_window_predict(model, changed, mask, roi_size=(32, 64, 64)), prob, atol=1e-6)
+    present = image.copy()
+    present[..., 0] = np.random.default_rng(8).normal(size=present.shape[:3]) * 5.0  # FLAIR is present
+    assert np.abs(sliding_window_predict(model, present, mask, roi_size=(32, 64, 64)) - prob).max() > 1e-4
