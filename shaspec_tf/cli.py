@@ -6,6 +6,8 @@
     shaspec prepare brats --input DIR --output DIR [Beam options]   NIfTI cases -> TFRecords (Apache Beam)
     shaspec prepare avmnist --out DIR [--mnist NPZ --fsdd DIR]      AV-MNIST (SMIL protocol) -> TFRecords
     shaspec train --task brats|avmnist --data DIR --out DIR [--steps N | --epochs N]   train, resumable
+    shaspec evaluate --model DIR [--model DIR ...] --data DIR --out DIR   every modality subset, reports + heat-map
+    shaspec predict --model DIR --flair F [--t1 F] [--t1ce F] [--t2 F] --out seg.nii.gz
 """
 from __future__ import annotations
 
@@ -172,6 +174,39 @@ def _train(args, extra) -> int:
     return 0
 
 
+def _evaluate(args, extra) -> int:
+    from shaspec_tf.evaluation import compare_models, write_reports
+    from shaspec_tf.workflows import evaluate_trained
+
+    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    results = {}
+    for model_dir in args.model:
+        name = os.path.basename(os.path.normpath(model_dir))
+        results[name] = evaluate_trained(model_dir, args.data, split=args.split, roi_size=roi, overlap=args.overlap,
+                                         tta=args.tta, postprocess=args.postprocess)
+        out = args.out if len(args.model) == 1 else os.path.join(args.out, name)
+        write_reports(results[name], out, title=f"{name} on {args.data}", name=name)
+        mean = results[name]["summary"]["mean"]
+        print(f"{name}: mean over subsets " + ", ".join(
+            f"{k} {v['dice'] * 100:.2f}" if isinstance(v, dict) else f"{k} {v * 100:.2f}" for k, v in mean.items())
+            + f"; reports in {os.path.abspath(out)}")
+    if len(results) > 1:
+        compare_models(results, args.out, title=f"Models on {args.data}")
+        print(f"side-by-side comparison in {os.path.abspath(args.out)}/comparison.md")
+    return 0
+
+
+def _predict(args, extra) -> int:
+    from shaspec_tf.workflows import predict_nifti
+
+    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    result = predict_nifti(args.model, {"flair": args.flair, "t1": args.t1, "t1ce": args.t1ce, "t2": args.t2},
+                           args.out, roi_size=roi, overlap=args.overlap, tta=args.tta, postprocess=args.postprocess)
+    print(f"segmented from {'+'.join(result['modalities'])}: label voxels {result['label_voxels']} -> "
+          f"{os.path.abspath(result['out'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shaspec", description="ShaSpec missing-modality learning (Keras 3 / TFX)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--audio-rate", type=float, help="avmnist: keep audio for this fraction of training samples")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_train)
+
+    def inference_options(p):
+        p.add_argument("--roi", help="sliding-window size D,H,W (default: the model's training crop)")
+        p.add_argument("--overlap", type=float, default=1 / 3)
+        p.add_argument("--tta", action="store_true", help="average over the 8 flips")
+        p.add_argument("--postprocess", action="store_true", help="the official ShaSpec* post-processing")
+
+    ev = sub.add_parser("evaluate", help="score trained models on every modality subset (metrics.json, CSV, "
+                                         "Markdown, heat-map; several --model side by side)")
+    ev.add_argument("--model", action="append", required=True, help="a 'shaspec train' output folder (repeatable)")
+    ev.add_argument("--data", required=True, help="a 'shaspec prepare' output folder")
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--split", help="default: eval (brats), test (avmnist)")
+    inference_options(ev)
+    ev.set_defaults(func=_evaluate)
+
+    pr = sub.add_parser("predict", help="segment one case from any non-empty subset of its sequences")
+    pr.add_argument("--model", required=True)
+    for modality in ("flair", "t1", "t1ce", "t2"):
+        pr.add_argument(f"--{modality}", help=f"{modality.upper()} NIfTI file")
+    pr.add_argument("--out", required=True, help="output NIfTI (BraTS labels 0, 1, 2, 4; the input's affine)")
+    inference_options(pr)
+    pr.set_defaults(func=_predict)
     return parser
 
 
