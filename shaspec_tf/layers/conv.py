@@ -26,9 +26,9 @@ def standardize_kernel(kernel, epsilon: float = WS_EPSILON):
     return centred / ops.sqrt(var + epsilon)
 
 
-@keras.saving.register_keras_serializable(package="shaspec_tf")
-class WSConv3D(keras.layers.Conv3D):
-    """``Conv3D`` whose kernel is weight-standardised at every call (Qiao et al. 2019; official ``Conv3d_wd``)."""
+class _WeightStandardised:
+    """Mixin for a Keras convolution: standardise the kernel at every call (Qiao et al. 2019; the official
+    ``Conv3d_wd``). Bias-free by default, as the official convolutions."""
 
     def __init__(self, *args, ws_epsilon: float = WS_EPSILON, **kwargs):
         kwargs.setdefault("use_bias", False)
@@ -43,19 +43,13 @@ class WSConv3D(keras.layers.Conv3D):
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
-class WSConv2D(keras.layers.Conv2D):
-    """2D twin of :class:`WSConv3D`."""
+class WSConv3D(_WeightStandardised, keras.layers.Conv3D):
+    """Weight-standardised ``Conv3D``."""
 
-    def __init__(self, *args, ws_epsilon: float = WS_EPSILON, **kwargs):
-        kwargs.setdefault("use_bias", False)
-        super().__init__(*args, **kwargs)
-        self.ws_epsilon = ws_epsilon
 
-    def convolution_op(self, inputs, kernel):
-        return super().convolution_op(inputs, standardize_kernel(kernel, self.ws_epsilon))
-
-    def get_config(self):
-        return {**super().get_config(), "ws_epsilon": self.ws_epsilon}
+@keras.saving.register_keras_serializable(package="shaspec_tf")
+class WSConv2D(_WeightStandardised, keras.layers.Conv2D):
+    """Weight-standardised ``Conv2D`` (the 2D twin of :class:`WSConv3D`)."""
 
 
 def _triple(value):
