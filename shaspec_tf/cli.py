@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--subset", help="dedicated training: the available modalities, e.g. flair+t1ce")
     tr.add_argument("--warmup-steps", type=int, default=0, help="steps with every modality before dropout")
     tr.add_argument("--ramp-steps", type=int, default=0, help="ramp the dropout rate from 0 over this many steps")
-    tr.add_argument("--drop-rate", type=float, default=1.0, help="probability that a sample's modalities are dropped")
+    tr.add_argument("--drop-rate", type=float,
+                    help="probability that a sample's modalities are dropped (default: 1 for brats, 0 for avmnist)")
     tr.add_argument("--lr", type=float)
     tr.add_argument("--schedule", default="poly", choices=("poly", "cosine", "constant"))
     tr.add_argument("--optimizer", choices=("sgd", "adam"))

@@ -130,3 +130,14 @@ def test_avmnist_training_and_a_mirrored_strategy_on_two_cpus(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     line = [l for l in done.stdout.splitlines() if l.startswith("REPLICAS")][0].split()
     assert line[1] == "2" and np.isfinite(float(line[3]))
+
+
+def test_task_defaults_follow_the_paper():
+    brats = TrainConfig(task="brats", data="d", out="o", steps=1).resolved()
+    avmnist = TrainConfig(task="avmnist", data="d", out="o", epochs=1).resolved()
+    assert (brats.optimizer, brats.learning_rate, brats.drop_rate) == ("sgd", 1e-2, 1.0)
+    assert (avmnist.optimizer, avmnist.learning_rate, avmnist.weight_decay, avmnist.drop_rate) == (
+        "adam", 1e-3, 1e-2, 0.0)
+    assert TrainConfig(task="avmnist", data="d", out="o", epochs=1, drop_rate=0.5).resolved().drop_rate == 0.5
+    with pytest.raises(ValueError, match="exactly one of steps or epochs"):
+        TrainConfig(task="brats", data="d", out="o").resolved()
