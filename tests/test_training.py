@@ -141,3 +141,15 @@ def test_task_defaults_follow_the_paper():
     assert TrainConfig(task="avmnist", data="d", out="o", epochs=1, drop_rate=0.5).resolved().drop_rate == 0.5
     with pytest.raises(ValueError, match="exactly one of steps or epochs"):
         TrainConfig(task="brats", data="d", out="o").resolved()
+
+
+def test_mixed_precision_trains_and_restores_the_policy(brats_data, tmp_path):
+    before = keras.mixed_precision.global_policy().name
+    result = train(brats_config(brats_data, tmp_path / "bf16", steps=2, mixed_precision="bf16"))
+    assert np.isfinite(result["history"]["loss"][-1])
+    assert keras.mixed_precision.global_policy().name == before
+    import shaspec_tf
+
+    model = shaspec_tf.build_segmenter("tiny")
+    model.load_weights(tmp_path / "bf16" / "model.weights.h5")  # float32 master weights
+    assert all(v.dtype == "float32" for v in model.weights)

@@ -138,19 +138,34 @@ def _check_output_folder(out: str, model_config: dict) -> Optional[int]:
     return epoch
 
 
+POLICIES = {"off": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
 def train(config: TrainConfig, callbacks=()) -> dict:
-    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step"}``."""
+    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step"}``. The mixed-precision
+    policy applies for the duration of the call and is restored afterwards."""
     import keras
-    import tensorflow as tf
+
+    c = config.resolved()
+    if c.mixed_precision not in POLICIES:
+        raise ValueError(f"unknown mixed precision {c.mixed_precision!r}: expected one of {sorted(POLICIES)}")
+    previous = keras.mixed_precision.global_policy()
+    if POLICIES[c.mixed_precision]:
+        keras.mixed_precision.set_global_policy(POLICIES[c.mixed_precision])
+    try:
+        return _train(c, callbacks)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _train(c: TrainConfig, callbacks) -> dict:
+    import keras
 
     import shaspec_tf
     from shaspec_tf.data.input import ModalityDropout, avmnist_dataset, brats_dataset
     from shaspec_tf.training.schedules import make_optimizer, make_schedule
 
-    c = config.resolved()
     keras.utils.set_random_seed(c.seed)
-    if c.mixed_precision != "off":
-        keras.mixed_precision.set_global_policy({"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[c.mixed_precision])
     train_files = _records(c.data, c.task, "train")
     build = shaspec_tf.build_segmenter if c.task == "brats" else shaspec_tf.build_classifier
     probe = build(c.preset, variant=c.variant, **c.model_options)
