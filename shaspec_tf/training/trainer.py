@@ -206,7 +206,7 @@ def _train(c: TrainConfig, callbacks) -> dict:
         model.compile(optimizer=optimizer, jit_compile=c.jit_compile, run_eagerly=c.run_eagerly)
 
     checkpoints = os.path.join(c.out, "checkpoints")
-    history = _HistoryWriter(os.path.join(c.out, "history.json"), start_epoch)
+    history = _history_writer(os.path.join(c.out, "history.json"), start_epoch)
     all_callbacks = [
         keras.callbacks.BackupAndRestore(checkpoints, save_freq="epoch", delete_checkpoint=False),
         history,
@@ -220,28 +220,27 @@ def _train(c: TrainConfig, callbacks) -> dict:
     return {"history": history.history, "steps": total, "out": c.out, "resumed_from_step": start_step}
 
 
-class _HistoryWriter:
-    """Keeps ``history.json`` current after every epoch, so an interrupted run's curve survives its resume."""
+def _history_writer(path: str, start_epoch: int):
+    """A callback that keeps ``history.json`` current after every epoch, so an interrupted run's curve survives its
+    resume (entries past ``start_epoch`` are dropped first)."""
+    import keras
 
-    def __new__(cls, path, start_epoch):
-        import keras
+    class HistoryWriter(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            previous = {}
+            if start_epoch and os.path.exists(path):
+                with open(path) as f:
+                    previous = json.load(f)
+            self.history = {k: v[:start_epoch] for k, v in previous.items()}
 
-        class Writer(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                previous = {}
-                if start_epoch and os.path.exists(path):
-                    with open(path) as f:
-                        previous = json.load(f)
-                self.history = {k: v[:start_epoch] for k, v in previous.items()}
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                self.history.setdefault(key, []).append(float(value))
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.history, f, indent=2)
+            os.replace(path + ".tmp", path)
 
-            def on_epoch_end(self, epoch, logs=None):
-                for key, value in (logs or {}).items():
-                    self.history.setdefault(key, []).append(float(value))
-                with open(path + ".tmp", "w") as f:
-                    json.dump(self.history, f, indent=2)
-                os.replace(path + ".tmp", path)
-
-        return Writer()
+    return HistoryWriter()
 
 
 def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> None:
