@@ -141,15 +141,16 @@ def _prepare_brats(args, extra) -> int:
 
 
 def _prepare_avmnist(args, extra) -> int:
-    from shaspec_tf.data.avmnist import _indices, build_avmnist, default_sources
+    from shaspec_tf.data.avmnist import build_avmnist, default_sources, parse_indices
 
     mnist, fsdd = args.mnist, args.fsdd
     if mnist is None or fsdd is None:
         default_mnist, default_fsdd = default_sources(args.data_dir)
         mnist, fsdd = mnist or default_mnist, fsdd or default_fsdd
     speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
-    manifest = build_avmnist(mnist, fsdd, args.out, speakers=speakers, train_indices=_indices(args.train_indices),
-                             test_indices=_indices(args.test_indices), all_test=args.all_test,
+    manifest = build_avmnist(mnist, fsdd, args.out, speakers=speakers,
+                             train_indices=parse_indices(args.train_indices),
+                             test_indices=parse_indices(args.test_indices), all_test=args.all_test,
                              audio_rate=args.audio_rate, seed=args.seed, shards=args.shards)
     counts = ", ".join(f"{k} {v['count']} ({v['audio_count']} with audio)" for k, v in manifest["splits"].items())
     print(f"wrote {os.path.abspath(args.out)}: {counts}")

@@ -33,17 +33,11 @@ def load_trained(model_dir: str):
 
 
 def _brats_cases(data_dir: str, split: str):
-    import tensorflow as tf
-
+    from shaspec_tf.data.files import record_dataset, split_files
     from shaspec_tf.data.schema import brats_record_from_example
 
-    files = sorted(tf.io.gfile.glob(f"{data_dir}/{split}/*.tfrecord"))
-    if not files:
-        raise FileNotFoundError(f"no {split} TFRecords under {data_dir}/{split}; run 'shaspec prepare brats'")
-    for path in files:
-        for raw in tf.data.TFRecordDataset(path):
-            record = brats_record_from_example(raw.numpy())
-            yield record
+    for raw in record_dataset(split_files(data_dir, split, "brats")):
+        yield brats_record_from_example(raw.numpy())
 
 
 def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None, roi_size=None,
@@ -84,13 +78,10 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
         results["skipped"] = skipped
         return results
 
-    import tensorflow as tf
-
+    from shaspec_tf.data.files import split_files
     from shaspec_tf.data.input import avmnist_dataset
 
-    files = sorted(tf.io.gfile.glob(f"{data_dir}/{split or 'test'}-*.tfrecord"))
-    if not files:
-        raise FileNotFoundError(f"no {split or 'test'} TFRecords under {data_dir}; run 'shaspec prepare avmnist'")
+    files = split_files(data_dir, split or "test", "avmnist")
     batches = []
     for inputs, labels in avmnist_dataset(files, batch_size=batch_size, training=False):
         batches.append({"image": inputs["image"].numpy(), "audio": inputs["audio"].numpy(),

@@ -362,26 +362,25 @@ def _check_out_dir(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} is not empty and holds no AV-MNIST manifest.json: refusing to replace it")
 
 
-def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
-                  speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS,
-                  test_indices: Iterable[int] = range(5, 15), train_indices: Iterable[int] = range(15, 50),
-                  all_test: bool = False, audio_rate: float = 1.0, seed: int = 0,
-                  shards: Union[int, Mapping[str, int]] = 1, progress: bool = True) -> dict:
-    """Build AV-MNIST by the SMIL protocol into ``out_dir`` and return the manifest (also ``out_dir/manifest.json``).
+@dataclass(frozen=True)
+class AvMnistJob:
+    """One sample to make: a recording, the MNIST image paired with it and whether its audio is kept."""
+    split: str
+    sample_id: str
+    wav: str
+    digit: int
+    speaker: str
+    image: bytes              # uint8 [28, 28], row-major
+    has_audio: bool
 
-    ``mnist_npz`` / ``fsdd_dir`` default to :func:`default_sources`. Recordings of ``speakers`` (``None``: all)
-    with an index in ``train_indices`` form the train split, those in ``test_indices`` the test split;
-    ``all_test=True`` puts every recording of those speakers, whatever its index, into one split ``"test"``. Each
-    recording is paired with an MNIST image of its digit: a shuffle of that digit's rows seeded by ``(seed, digit)``;
-    train takes rows from its front, test from its back, so the two never share an image (``manifest["mnist_rows"]``
-    records each sample's row). ``audio_rate`` in (0, 1]: per class, ``round(audio_rate * n)`` training samples
-    (at least one; chosen by ``(seed, digit)``) keep their audio, the others get ``modality_mask [1, 0]`` and zero
-    audio; test samples keep both. ``shards``: files per split (an int, or ``{"train": 4, "test": 1}``); records go
-    round-robin to the shards.
 
-    Everything is written to a hidden sibling folder and renamed into place at the end: a failure leaves an earlier
-    build untouched and no half-written output; a re-run replaces an earlier build (never a folder that is not one).
-    """
+def plan_avmnist(mnist_npz=None, fsdd_dir=None, speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS,
+                 test_indices: Iterable[int] = range(5, 15), train_indices: Iterable[int] = range(15, 50),
+                 all_test: bool = False, audio_rate: float = 1.0, seed: int = 0,
+                 shards: Union[int, Mapping[str, int]] = 1):
+    """The SMIL pairing and audio availability of :func:`build_avmnist` without any audio work: returns
+    ``(manifest, jobs)``, one :class:`AvMnistJob` per sample (made into a record by :func:`avmnist_job_example`,
+    locally or in a Beam pipeline)."""
     if mnist_npz is None or fsdd_dir is None:
         default_npz, default_fsdd = default_sources()
         mnist_npz = default_npz if mnist_npz is None else mnist_npz
@@ -397,8 +396,6 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
     overlap = sorted(set(train_idx) & set(test_idx))
     if overlap and not all_test:
         raise ValueError(f"train_indices and test_indices overlap at {overlap}")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
 
     images, labels = load_mnist(mnist_npz)
     recordings = find_recordings(fsdd_dir, speakers)
@@ -444,22 +441,9 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
             for position, recording in enumerate(members):
                 has_audio[(split, recording)] = position in kept
 
-    import tensorflow as tf
-    from tqdm.auto import tqdm
-
-    jobs = [(split, r) for split in selected for r in selected[split]]
-    examples = {split: [] for split in selected}
-    for split, recording in tqdm(jobs, desc="AV-MNIST recordings", unit="wav", disable=not progress):
-        wave, rate = load_wav(recording.path)
-        audio = mfcc(wave, rate).numpy()
-        present = has_audio[(split, recording)]
-        row = rows[(split, recording)]
-        image = images[row].astype(np.float32) / 255.0
-        sample_id = f"{split}/{recording.stem}"
-        example = schema.avmnist_example(sample_id, image, audio if present else np.zeros_like(audio),
-                                         [1, int(present)], recording.digit, recording.speaker)
-        examples[split].append((sample_id, example.SerializeToString(deterministic=True)))
-
+    jobs = [AvMnistJob(split, f"{split}/{r.stem}", str(r.path), r.digit, r.speaker,
+                       np.ascontiguousarray(images[rows[(split, r)]], np.uint8).tobytes(), has_audio[(split, r)])
+            for split in selected for r in selected[split]]
     manifest = {
         "task": "avmnist",
         "protocol": "SMIL (mengmenm/SMIL) as used by ShaSpec; see shaspec_tf.data.avmnist",
@@ -490,6 +474,51 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
         }
         for r in chosen:
             manifest["mnist_rows"][f"{split}/{r.stem}"] = rows[(split, r)]
+
+    return manifest, jobs
+
+
+def avmnist_job_example(job: AvMnistJob) -> bytes:
+    """A planned sample -> serialized ``schema.avmnist_example`` (audio: the WAV's MFCCs, zeros when dropped)."""
+    wave, rate = load_wav(job.wav)
+    audio = mfcc(wave, rate).numpy()
+    image = np.frombuffer(job.image, np.uint8).reshape(28, 28).astype(np.float32) / 255.0
+    example = schema.avmnist_example(job.sample_id, image, audio if job.has_audio else np.zeros_like(audio),
+                                     [1, int(job.has_audio)], job.digit, job.speaker)
+    return example.SerializeToString(deterministic=True)
+
+
+def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
+                  speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS,
+                  test_indices: Iterable[int] = range(5, 15), train_indices: Iterable[int] = range(15, 50),
+                  all_test: bool = False, audio_rate: float = 1.0, seed: int = 0,
+                  shards: Union[int, Mapping[str, int]] = 1, progress: bool = True) -> dict:
+    """Build AV-MNIST by the SMIL protocol into ``out_dir`` and return the manifest (also ``out_dir/manifest.json``).
+
+    ``mnist_npz`` / ``fsdd_dir`` default to :func:`default_sources`. Recordings of ``speakers`` (``None``: all)
+    with an index in ``train_indices`` form the train split, those in ``test_indices`` the test split;
+    ``all_test=True`` puts every recording of those speakers, whatever its index, into one split ``"test"``. Each
+    recording is paired with an MNIST image of its digit: a shuffle of that digit's rows seeded by ``(seed, digit)``;
+    train takes rows from its front, test from its back, so the two never share an image (``manifest["mnist_rows"]``
+    records each sample's row). ``audio_rate`` in (0, 1]: per class, ``round(audio_rate * n)`` training samples
+    (at least one; chosen by ``(seed, digit)``) keep their audio, the others get ``modality_mask [1, 0]`` and zero
+    audio; test samples keep both. ``shards``: files per split (an int, or ``{"train": 4, "test": 1}``); records go
+    round-robin to the shards.
+
+    Everything is written to a hidden sibling folder and renamed into place at the end: a failure leaves an earlier
+    build untouched and no half-written output; a re-run replaces an earlier build (never a folder that is not one).
+    """
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    manifest, jobs = plan_avmnist(mnist_npz, fsdd_dir, speakers, test_indices, train_indices, all_test, audio_rate,
+                                  seed, shards)
+
+    import tensorflow as tf
+    from tqdm.auto import tqdm
+
+    examples = {split: [] for split in manifest["splits"]}
+    for job in tqdm(jobs, desc="AV-MNIST recordings", unit="wav", disable=not progress):
+        examples[job.split].append((job.sample_id, avmnist_job_example(job)))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -590,7 +619,8 @@ def read_published_avmnist(npy_dir, normalize: bool = True, splits=("train", "te
 
 
 # -- command line ------------------------------------------------------------------------------------------------------
-def _indices(text: str):
+def parse_indices(text: str):
+    """"START:STOP" -> range(START, STOP); "a,b,c" -> [a, b, c] (recording indices)."""
     start, _, stop = text.partition(":")
     return range(int(start), int(stop)) if stop else [int(v) for v in text.split(",") if v]
 
@@ -618,7 +648,8 @@ def main(argv=None) -> int:
             mnist_npz, fsdd_dir = mnist_npz or default_npz, fsdd_dir or default_fsdd
         speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
         manifest = build_avmnist(mnist_npz, fsdd_dir, args.out_dir, speakers=speakers,
-                                 train_indices=_indices(args.train_indices), test_indices=_indices(args.test_indices),
+                                 train_indices=parse_indices(args.train_indices),
+                                 test_indices=parse_indices(args.test_indices),
                                  all_test=args.all_test, audio_rate=args.audio_rate, seed=args.seed,
                                  shards=args.shards)
     except (OSError, ValueError) as exc:

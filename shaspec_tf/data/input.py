@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from shaspec_tf.data.files import record_dataset
 from shaspec_tf.data.schema import model_inputs, parse_avmnist_example, parse_brats_example
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -141,7 +142,7 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
     files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
-    ds = tf.data.TFRecordDataset(sorted(files), num_parallel_reads=min(len(files), 4))
+    ds = record_dataset(files, num_parallel_reads=min(len(files), 4))
     ds = ds.map(lambda s: parse_brats_example(s, num_modalities), num_parallel_calls=AUTOTUNE)
     if not training:
         return ds.map(lambda f: model_inputs(f, "brats"), num_parallel_calls=AUTOTUNE).batch(1).prefetch(AUTOTUNE)
@@ -173,7 +174,7 @@ def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, s
     files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
-    ds = tf.data.TFRecordDataset(sorted(files)).map(parse_avmnist_example, num_parallel_calls=AUTOTUNE)
+    ds = record_dataset(files).map(parse_avmnist_example, num_parallel_calls=AUTOTUNE)
     if audio_rate is not None:
         def limit_audio(features):
             bucket = tf.strings.to_hash_bucket_fast(features["sample_id"], 1_000_000)

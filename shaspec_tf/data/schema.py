@@ -19,13 +19,19 @@ BraTS (``task = "brats"``), schema version 1:
 | ``affine`` | float [16] | the source NIfTI affine (row-major 4x4) |
 | ``original_shape`` | int64 [3] | the volume's D, H, W before cropping |
 | ``crop_start`` | int64 [3] | where the stored crop starts in the original volume (D, H, W) |
+| ``present_modalities`` | bytes [k] | the names of the present modalities (summary for data validation) |
+| ``label_values`` | bytes [n] | the distinct values in ``label`` as text, e.g. ``0, 1, 2, 4`` (none if unlabelled) |
+
+The two summary features repeat what the mask and the label hold in a form TensorFlow Data Validation can check
+against a schema (``pipeline``: at least one present modality, known names, label values in ``{0, 1, 2, 4}``);
+the readers here ignore them.
 
 Axes: ``D, H, W`` are the NIfTI voxel axes ``k, j, i`` (``array = nifti.transpose(2, 1, 0)``), so D is the axial
 slice axis (155 in BraTS), as the official code lays volumes out.
 
 AV-MNIST (``task = "avmnist"``), schema version 1: ``sample_id`` bytes, ``modalities`` (``image, audio``),
 ``modality_mask`` int64 [2], ``image`` float [28 * 28] (values in [0, 1]), ``audio`` float [20 * 20] (MFCCs),
-``label`` int64 [1], ``speaker`` bytes [1].
+``label`` int64 [1], ``speaker`` bytes [1], ``present_modalities`` bytes [k] (as for BraTS).
 
 This module needs TensorFlow only to parse records (``parse_*``); writing uses ``tf.train.Example`` protos.
 """
@@ -100,6 +106,10 @@ def _floats(values):
     return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
 
 
+def _present(modalities, mask) -> list:
+    return [name for name, bit in zip(modalities, np.asarray(mask).reshape(-1)) if bit]
+
+
 def brats_example(record: BratsRecord):
     """``BratsRecord`` -> ``tf.train.Example`` (validated first)."""
     import tensorflow as tf
@@ -122,6 +132,8 @@ def brats_example(record: BratsRecord):
         "affine": _floats(np.asarray(record.affine, dtype=np.float64).reshape(16)),
         "original_shape": _ints(original),
         "crop_start": _ints(record.crop_start),
+        "present_modalities": _bytes(_present(record.modalities, record.modality_mask)),
+        "label_values": _bytes([] if record.label is None else [str(v) for v in np.unique(record.label)]),
     }
     return tf.train.Example(features=tf.train.Features(feature=features))
 
@@ -208,6 +220,7 @@ def avmnist_example(sample_id: str, image: np.ndarray, audio: np.ndarray, modali
         "audio": _floats(audio * mask[1]),
         "label": _ints([label]),
         "speaker": _bytes([speaker]),
+        "present_modalities": _bytes(_present(AVMNIST_MODALITIES, mask)),
     }
     return tf.train.Example(features=tf.train.Features(feature=features))
 

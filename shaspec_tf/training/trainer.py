@@ -80,19 +80,15 @@ def _subset_mask(subset: str, modalities) -> list:
 
 
 def _records(data: str, task: str, split: str) -> list:
-    import tensorflow as tf
+    from shaspec_tf.data.files import split_files
 
-    pattern = f"{data}/{split}/*.tfrecord" if task == "brats" else f"{data}/{split}-*.tfrecord"
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no {split} TFRecords at {pattern}; run 'shaspec prepare {task}' first")
-    return files
+    return split_files(data, split, task)
 
 
 def _count_records(files) -> int:
-    import tensorflow as tf
+    from shaspec_tf.data.files import record_dataset
 
-    return sum(1 for path in files for _ in tf.data.TFRecordDataset(path))
+    return sum(1 for _ in record_dataset(files))
 
 
 def _strategy(name: str):
