@@ -20,7 +20,8 @@ setup(
     ],
     extras_require={
         # The TFX pipeline (pipeline/, components/) and its data layer.
-        "pipeline": ["tfx==1.16.0", "apache-beam[gcp]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4"],
+        "pipeline": ["tfx==1.16.0", "apache-beam[gcp]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4",
+                     "kfp-pipeline-spec==0.2.2"],
         "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "requests"],
         "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30"],
     },

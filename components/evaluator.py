@@ -1,0 +1,128 @@
+"""``MissingModalityEvaluator``: scores a trained model on every modality subset and blesses it or not.
+
+A missing-modality model is only as good as its worst subset, so the blessing looks at two numbers per model: the
+mean over the 2^M - 1 subsets and the worst subset, where a subset's score is its mean Dice over ET / WT / TC
+(BraTS) or its accuracy (AV-MNIST). The candidate is blessed when
+
+* ``mean >= min_mean`` and ``worst >= min_worst`` (absolute thresholds from the pipeline config), and
+* when a blessed model exists (``baseline_model``, from TFX's latest-blessed-model resolver), neither its mean nor its
+  worst subset falls more than ``max_regression`` below that model's on the same evaluation data.
+
+The ``evaluation`` artifact holds the candidate's report (``metrics.json``, ``metrics.csv``, ``metrics.md``,
+``heatmap.png``; ``shaspec_tf.evaluation.write_reports``), the baseline's beside it and a side-by-side comparison when
+there is one, and ``verdict.json``. The ``blessing`` artifact carries the properties the Pusher and the resolver read
+(``blessed``, ``current_model``, ``current_model_id``) and a ``BLESSED`` or ``NOT_BLESSED`` file, as TFX's Evaluator.
+"""
+
+import json
+import os
+from typing import Optional, Tuple
+
+from tfx import v1 as tfx
+from tfx.types import standard_artifacts
+
+InputArtifact = tfx.dsl.components.InputArtifact
+OutputArtifact = tfx.dsl.components.OutputArtifact
+Parameter = tfx.dsl.components.Parameter
+
+SHASPEC_FORMAT = "Format-Shaspec"     # inside a Model artifact: model_config.json + model.weights.h5 (shaspec train)
+
+
+def subset_scores(results: dict) -> dict:
+    """Subset name -> score (mean Dice over the regions, or accuracy) from ``evaluate_subsets`` results."""
+    scores = {}
+    for name in results["subsets"]:
+        row = results["summary"][name]
+        if results["task"] == "classification":
+            scores[name] = float(row["accuracy"])
+        else:
+            scores[name] = float(sum(row[r]["dice"] for r in results["columns"]) / len(results["columns"]))
+    return scores
+
+
+def summarise(results: dict) -> dict:
+    """``{"mean", "worst", "worst_subset", "scores"}`` of one model's results."""
+    scores = subset_scores(results)
+    worst = min(scores, key=scores.get)
+    return {"mean": sum(scores.values()) / len(scores), "worst": scores[worst], "worst_subset": worst,
+            "scores": scores}
+
+
+def judge(candidate: dict, baseline: Optional[dict], min_mean: float, min_worst: float,
+          max_regression: float) -> Tuple[bool, list]:
+    """Bless or not, with the reasons: ``(blessed, ["mean 0.71 < min_mean 0.80", ...])`` (empty when blessed)."""
+    reasons = []
+    if candidate["mean"] < min_mean:
+        reasons.append(f"mean {candidate['mean']:.4f} < min_mean {min_mean:.4f}")
+    if candidate["worst"] < min_worst:
+        reasons.append(f"worst subset {candidate['worst_subset']} {candidate['worst']:.4f} < min_worst "
+                       f"{min_worst:.4f}")
+    if baseline is not None:
+        for key in ("mean", "worst"):
+            if candidate[key] < baseline[key] - max_regression:
+                reasons.append(f"{key} {candidate[key]:.4f} falls below the blessed model's {baseline[key]:.4f} "
+                               f"by more than {max_regression:.4f}")
+    return not reasons, reasons
+
+
+def model_folder(model) -> str:
+    """The ``shaspec train`` folder inside a TFX ``Model`` artifact."""
+    return os.path.join(model.uri, SHASPEC_FORMAT)
+
+
+@tfx.dsl.components.component
+def MissingModalityEvaluator(
+        examples: InputArtifact[standard_artifacts.Examples],
+        model: InputArtifact[standard_artifacts.Model],
+        evaluation: OutputArtifact[standard_artifacts.ModelEvaluation],
+        blessing: OutputArtifact[standard_artifacts.ModelBlessing],
+        task: Parameter[str],
+        baseline_model: InputArtifact[standard_artifacts.Model] = None,
+        split: Parameter[str] = "",
+        min_mean: Parameter[float] = 0.0,
+        min_worst: Parameter[float] = 0.0,
+        max_regression: Parameter[float] = 0.0,
+        overlap: Parameter[float] = 1 / 3):
+    """Evaluate ``model`` on every modality subset of ``examples`` (``split``; default ``eval`` for BraTS, ``test``
+    for AV-MNIST) and bless it against the thresholds and the latest blessed ``baseline_model``."""
+    from shaspec_tf.evaluation import compare_models, write_reports
+    from shaspec_tf.workflows import evaluate_trained
+
+    split = split or ("eval" if task == "brats" else "test")
+    out = evaluation.uri
+
+    def score(artifact, folder):
+        results = evaluate_trained(model_folder(artifact), examples.uri, split=split, overlap=overlap)
+        write_reports(results, os.path.join(out, folder), title=f"{task}: {folder} model (artifact "
+                                                                 f"{artifact.id}), split {split}")
+        return results
+
+    candidate = score(model, "candidate")
+    verdict = {"task": task, "split": split, "thresholds": {"min_mean": min_mean, "min_worst": min_worst,
+                                                            "max_regression": max_regression},
+               "candidate": {"model": model.uri, "model_id": model.id, **summarise(candidate)}}
+    baseline_summary = None
+    if baseline_model is not None and baseline_model.id != model.id:
+        baseline = score(baseline_model, "baseline")
+        baseline_summary = summarise(baseline)
+        verdict["baseline"] = {"model": baseline_model.uri, "model_id": baseline_model.id, **baseline_summary}
+        compare_models({"candidate": candidate, "blessed": baseline}, os.path.join(out, "comparison"),
+                       title=f"{task}: candidate vs the latest blessed model")
+    blessed, reasons = judge(verdict["candidate"], baseline_summary, min_mean, min_worst, max_regression)
+    verdict.update(blessed=blessed, reasons=reasons)
+    with open(os.path.join(out, "verdict.json"), "w") as f:
+        json.dump(verdict, f, indent=2, sort_keys=True)
+
+    blessing.set_int_custom_property("blessed", int(blessed))
+    blessing.set_string_custom_property("current_model", model.uri)
+    blessing.set_int_custom_property("current_model_id", model.id)
+    blessing.set_float_custom_property("mean_score", verdict["candidate"]["mean"])
+    blessing.set_float_custom_property("worst_score", verdict["candidate"]["worst"])
+    if baseline_summary is not None:
+        blessing.set_string_custom_property("baseline_model", baseline_model.uri)
+        blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
+    if reasons:
+        blessing.set_string_custom_property("reasons", "; ".join(reasons))
+    os.makedirs(blessing.uri, exist_ok=True)
+    with open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
+        f.write("\n".join(reasons) + ("\n" if reasons else ""))

@@ -1,0 +1,66 @@
+"""The Trainer's module file: TFX's GenericExecutor calls :func:`run_fn`, which trains with ``shaspec_tf`` and writes
+
+* ``Format-Serving/`` (``fn_args.serving_model_dir``): the TF Serving SavedModel (``shaspec_tf.export``), what the
+  Pusher copies into the versioned serving folder;
+* ``Format-Shaspec/`` beside it: ``model_config.json`` and ``model.weights.h5`` (``shaspec train``'s folder), what
+  the evaluator loads to run the sliding window on whole volumes;
+* the run folder (``fn_args.model_run_dir``, a ``ModelRun`` artifact): checkpoints, TensorBoard logs,
+  ``history.json`` and ``learning_curves.png``.
+
+Everything about the run comes from ``custom_config`` (built by ``pipeline.configs``): ``task``, ``preset``,
+``variant``, ``batch_size``, ``crop_size``, ``warmup_steps``, ``learning_rate``, ``strategy``, ``mixed_precision``,
+``xla``, ``audio_rate``, ``model_options``, ``seed``, ``checkpoint_every``, ``epochs``; the number of steps is the
+Trainer's ``train_args.num_steps`` (when ``epochs`` is not given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+from components.evaluator import SHASPEC_FORMAT
+
+_KEPT = ("model_config.json", "model.weights.h5", "train_config.json", "history.json", "learning_curves.png")
+
+
+def examples_folder(file_patterns) -> str:
+    """The ``Examples`` artifact folder from the Trainer's split patterns (``URI/Split-train/*``)."""
+    first = file_patterns[0] if isinstance(file_patterns, (list, tuple)) else file_patterns
+    return os.path.dirname(os.path.dirname(first))
+
+
+def run_fn(fn_args) -> None:
+    from shaspec_tf.export import export_model
+    from shaspec_tf.training.trainer import TrainConfig, train
+    from shaspec_tf.workflows import load_trained
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = dict(fn_args.custom_config or {})
+    task = config.pop("task")
+    epochs = config.pop("epochs", None)
+    crop = config.pop("crop_size", None)
+    train_config = TrainConfig(
+        task=task, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
+        steps=None if epochs else int(fn_args.train_steps), epochs=epochs,
+        crop_size=tuple(crop) if crop else None, jit_compile=bool(config.pop("xla", False)),
+        # keys that are not TrainConfig's (Vertex AI's job settings) stay with the orchestrator
+        **{k: v for k, v in config.items() if k in fields})
+    train(train_config)
+
+    model_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir.rstrip("/")), SHASPEC_FORMAT)
+    os.makedirs(model_dir, exist_ok=True)
+    for name in _KEPT:
+        source = os.path.join(fn_args.model_run_dir, name)
+        if os.path.exists(source):
+            shutil.copy2(source, os.path.join(model_dir, name))
+    # The serving model dir is the SavedModel itself (the Pusher adds the version folder): export as version 1 of
+    # a scratch base beside it, then move that version into place.
+    scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(fn_args.serving_model_dir.rstrip("/")))
+    try:
+        version = export_model(load_trained(model_dir), scratch, "model", 1)
+        if os.path.exists(fn_args.serving_model_dir):
+            shutil.rmtree(fn_args.serving_model_dir)
+        shutil.move(version, fn_args.serving_model_dir)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Run the shaspec-tf pipeline on this machine: LocalDagRunner, SQLite metadata, Beam DirectRunner.
+
+    python pipeline/local_runner.py [--root DIR] [--tiny] [--tasks brats,avmnist] [--no-cache]
+
+or through the TFX command line (``SHASPEC_PIPELINE_ROOT``, ``SHASPEC_PIPELINE_SIZE=tiny`` and
+``SHASPEC_PIPELINE_TASKS`` choose what the flags do)::
+
+    tfx pipeline create --engine local --pipeline_path pipeline/local_runner.py
+    tfx run create --engine local --pipeline_name shaspec
+
+The embedded default generates phantom BraTS cases into ROOT/data (once) and reads the real AV-MNIST from
+``$SHASPEC_DATA`` or ``../shared/data``. A second run with unchanged inputs reuses every cached artifact. At the end
+it prints where the pushed models and the evaluation reports are.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+if __package__ in (None, ""):  # run as a script or by the TFX CLI: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")   # Beam worker processes
+
+
+def ensure_phantoms(config, size: str) -> None:
+    """Generate the phantom BraTS cases the config points at, unless they are there already."""
+    from pipeline.configs import PHANTOM_CASES, PHANTOM_SHAPE, phantom_dir
+    from shaspec_tf.data.phantom import write_phantom_dataset
+
+    for t in config.tasks:
+        if t.task == "brats" and os.path.abspath(t.input_dir) == os.path.abspath(phantom_dir(config.root)):
+            if not os.path.exists(os.path.join(t.input_dir, "phantoms.json")) or \
+                    len([d for d in os.listdir(t.input_dir) if not d.startswith(".")]) <= PHANTOM_CASES[size]:
+                write_phantom_dataset(t.input_dir, PHANTOM_CASES[size], shape=PHANTOM_SHAPE[size],
+                                      skip_existing=True, progress=True)
+
+
+def make_config(root=None, size: str = "embedded", tasks=None):
+    from pipeline import configs
+
+    root = os.path.abspath(root or configs.default_root())
+    config = configs.embedded_default(root) if size == "embedded" else configs.tiny(root)
+    if tasks:
+        config.tasks = [t for t in config.tasks if t.task in tasks]
+    return config
+
+
+def _registering() -> bool:
+    """True under ``tfx pipeline create``: the TFX CLI wraps ``LocalDagRunner.run`` to record the pipeline, and
+    nothing runs."""
+    from tfx import v1 as tfx
+
+    return hasattr(tfx.orchestration.LocalDagRunner.run, "__wrapped__")
+
+
+def run(config, size: str = "embedded") -> dict:
+    from tfx import v1 as tfx
+
+    from pipeline.pipeline import create_pipeline
+
+    registering = _registering()
+    if not registering:
+        ensure_phantoms(config, size)
+    start = time.time()
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(config))
+    return None if registering else summary(config, time.time() - start)
+
+
+def summary(config, seconds: float) -> dict:
+    """Where the pushed models and the latest evaluation reports are (newest artifact of each)."""
+    import glob
+
+    out = {"seconds": round(seconds, 1), "tasks": {}}
+    for t in config.tasks:
+        versions = sorted(glob.glob(os.path.join(config.serving_dir, t.model_name, "*")), key=os.path.getmtime)
+        reports = sorted(glob.glob(os.path.join(config.root, f"MissingModalityEvaluator.{t.task}", "evaluation",
+                                                "*")), key=os.path.getmtime)
+        out["tasks"][t.task] = {"pushed": versions[-1] if versions else None,
+                                "report": reports[-1] if reports else None}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=None, help="pipeline root (default: $SHASPEC_PIPELINE_ROOT or "
+                                                     "./shaspec_pipeline)")
+    parser.add_argument("--tiny", action="store_true", default=os.environ.get("SHASPEC_PIPELINE_SIZE") == "tiny",
+                        help="test-size data and models")
+    parser.add_argument("--tasks", default=os.environ.get("SHASPEC_PIPELINE_TASKS", "brats,avmnist"))
+    parser.add_argument("--no-cache", action="store_true")
+    args = parser.parse_args(argv)
+    size = "tiny" if args.tiny else "embedded"
+    config = make_config(args.root, size, [t for t in args.tasks.split(",") if t])
+    config.enable_cache = not args.no_cache
+    result = run(config, size)
+    if result is None:
+        return 0
+    print(f"\npipeline {config.name} finished in {result['seconds']} s (root {config.root})")
+    for task, where in result["tasks"].items():
+        print(f"  {task}: pushed model  {where['pushed'] or 'none (not blessed; see the report)'}")
+        print(f"  {task}: evaluation    {where['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""``create_pipeline(config)``: the shaspec-tf TFX pipeline, one branch per task.
+
+Per task (ids end in ``.brats`` / ``.avmnist``)::
+
+    ExampleGen -> StatisticsGen -> SchemaGen -> CurateSchema -> ExampleValidator
+        |                                             |
+        +----------------> Trainer <------------------+        LatestBlessedModelResolver
+                              |                                        |
+                              +------> MissingModalityEvaluator <-----+
+                                              |
+                                            Pusher  (only a blessed model is pushed: SERVING/<model_name>/<version>)
+
+The runners (``local_runner.py``, ``kubeflow_v2_runner.py``) only choose the orchestrator.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from tfx import v1 as tfx
+
+from components.evaluator import MissingModalityEvaluator
+from components.example_gens import AvMnistExampleGen, BratsExampleGen, fingerprint
+from components.pusher import Pusher
+from components.schema_curation import STATS_FEATURES, CurateSchema
+from pipeline.configs import PipelineConfig, TaskConfig
+
+RUN_FN = "components.trainer_module.run_fn"
+
+
+def _stats_options(task: str):
+    import tensorflow_data_validation as tfdv
+
+    return tfdv.StatsOptions(feature_allowlist=STATS_FEATURES[task])
+
+
+def _example_gen(t: TaskConfig):
+    params = dict(t.example_gen)
+    if t.task == "brats":
+        return BratsExampleGen(input_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]), **params)
+    return AvMnistExampleGen(data_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]),
+                             audio_rate=1.0 if t.audio_rate is None else float(t.audio_rate), **params)
+
+
+def _trainer(t: TaskConfig, config: PipelineConfig, cloud: bool, **inputs):
+    """The Trainer: in-process locally; in the cloud on the configured GPU, either as a pipeline step with a resource
+    spec (Kubeflow / Vertex AI Pipelines) or as a Vertex AI custom training job (``config.vertex_training``)."""
+    custom_config = t.train_custom_config()
+    if cloud and config.vertex_training:
+        vertex = tfx.extensions.google_cloud_ai_platform
+        custom_config.update({
+            vertex.ENABLE_VERTEX_KEY: True,
+            vertex.VERTEX_REGION_KEY: config.gcp_region,
+            vertex.TRAINING_ARGS_KEY: {
+                "project": config.gcp_project,
+                "worker_pool_specs": [{
+                    "machine_spec": {"machine_type": config.trainer_machine_type,
+                                     "accelerator_type": config.trainer_accelerator_type,
+                                     "accelerator_count": config.trainer_accelerator_count},
+                    "replica_count": 1,
+                    "container_spec": {"image_uri": config.image},
+                }],
+            },
+        })
+        return vertex.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+    trainer = tfx.components.Trainer(run_fn=RUN_FN, custom_config=custom_config, **inputs)
+    if cloud:
+        from kfp.pipeline_spec import pipeline_spec_pb2 as pipeline_pb2
+
+        spec = pipeline_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec(
+            cpu_limit=config.trainer_cpu, memory_limit=config.trainer_memory_gb)
+        if config.trainer_accelerator_count:
+            spec.accelerator.type = config.trainer_accelerator_type
+            spec.accelerator.count = config.trainer_accelerator_count
+        trainer = trainer.with_platform_config(spec)
+    return trainer
+
+
+def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) -> List:
+    """The components of one task's branch, in order (``cloud``: the Trainer gets the configured GPU)."""
+    suffix = t.task
+    eval_split = t.eval_split or ("eval" if t.task == "brats" else "test")
+    example_gen = _example_gen(t).with_id(f"ExampleGen.{suffix}")
+    statistics = tfx.components.StatisticsGen(
+        examples=example_gen.outputs["examples"], stats_options=_stats_options(t.task)).with_id(
+        f"StatisticsGen.{suffix}")
+    inferred = tfx.components.SchemaGen(statistics=statistics.outputs["statistics"]).with_id(f"SchemaGen.{suffix}")
+    schema = CurateSchema(schema=inferred.outputs["schema"], task=t.task).with_id(f"CurateSchema.{suffix}")
+    validator = tfx.components.ExampleValidator(
+        statistics=statistics.outputs["statistics"], schema=schema.outputs["curated"]).with_id(
+        f"ExampleValidator.{suffix}")
+    trainer = _trainer(t, config, cloud, examples=example_gen.outputs["examples"], schema=schema.outputs["curated"],
+                       train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=t.train_steps or 0),
+                       eval_args=tfx.proto.EvalArgs(splits=[eval_split], num_steps=0)).with_id(f"Trainer.{suffix}")
+    resolver = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=trainer.id,
+                              output_key="model"),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                       producer_component_id=f"MissingModalityEvaluator.{suffix}",
+                                       output_key="blessing")).with_id(f"LatestBlessedModelResolver.{suffix}")
+    evaluator = MissingModalityEvaluator(
+        examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
+        baseline_model=resolver.outputs["model"], task=t.task, split=eval_split, min_mean=t.min_mean,
+        min_worst=t.min_worst, max_regression=t.max_regression).with_id(f"MissingModalityEvaluator.{suffix}")
+    pusher = Pusher(
+        model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
+            base_directory=f"{config.serving_dir}/{t.model_name}"))).with_id(f"Pusher.{suffix}")
+    return [example_gen, statistics, inferred, schema, validator, trainer, resolver, evaluator, pusher]
+
+
+def create_pipeline(config: PipelineConfig, metadata_connection_config=None, cloud: bool = False
+                    ) -> tfx.dsl.Pipeline:
+    """The pipeline for ``config``: one branch per task. Locally: SQLite metadata at ``config.metadata_path`` unless
+    a ``metadata_connection_config`` is given. ``cloud=True`` (Kubeflow / Vertex AI): the orchestrator's metadata,
+    and the Trainer on the configured accelerator."""
+    components = []
+    for t in config.tasks:
+        components += task_components(t, config, cloud)
+    if metadata_connection_config is None and not cloud:
+        metadata_connection_config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            config.metadata_path)
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.name, pipeline_root=config.root, components=components,
+        enable_cache=config.enable_cache, metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(config.beam_pipeline_args))
