@@ -8,6 +8,9 @@
     shaspec train --task brats|avmnist --data DIR --out DIR [--steps N | --epochs N]   train, resumable
     shaspec evaluate --model DIR [--model DIR ...] --data DIR --out DIR   every modality subset, reports + heat-map
     shaspec predict --model DIR --flair F [--t1 F] [--t1ce F] [--t2 F] --out seg.nii.gz
+    shaspec predict --server HOST:PORT --model-name NAME [--protocol grpc|rest] --flair F ... --out seg.nii.gz
+    shaspec export --model DIR --out BASE --name NAME [--version V]   SavedModel for TF Serving in BASE/NAME/V
+    shaspec serve --model-base BASE [--grpc-port 8500] [--rest-port 8501]   local TF-Serving-compatible server
 """
 from __future__ import annotations
 
@@ -198,14 +201,52 @@ def _evaluate(args, extra) -> int:
 
 
 def _predict(args, extra) -> int:
-    from shaspec_tf.workflows import predict_nifti
+    paths = {"flair": args.flair, "t1": args.t1, "t1ce": args.t1ce, "t2": args.t2}
+    if args.server:
+        if args.model_name is None:
+            raise ValueError("--server needs --model-name (the served model's name)")
+        if args.roi or args.tta or abs(args.overlap - 1 / 3) > 1e-9:
+            raise ValueError("--roi, --overlap and --tta are fixed in the exported graph; leave them out with --server")
+        predict_nifti_remote = _serving_import("client").predict_nifti_remote
+        result = predict_nifti_remote(args.server, args.model_name, paths, args.out, protocol=args.protocol,
+                                      version=args.model_version, postprocess=args.postprocess)
+    else:
+        if args.model_name is not None or args.model_version is not None:
+            raise ValueError("--model-name and --model-version go with --server, not --model")
+        from shaspec_tf.workflows import predict_nifti
 
-    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
-    result = predict_nifti(args.model, {"flair": args.flair, "t1": args.t1, "t1ce": args.t1ce, "t2": args.t2},
-                           args.out, roi_size=roi, overlap=args.overlap, tta=args.tta, postprocess=args.postprocess)
+        roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+        result = predict_nifti(args.model, paths, args.out, roi_size=roi, overlap=args.overlap, tta=args.tta,
+                               postprocess=args.postprocess)
     print(f"segmented from {'+'.join(result['modalities'])}: label voxels {result['label_voxels']} -> "
           f"{os.path.abspath(result['out'])}")
     return 0
+
+
+def _serving_import(module: str):
+    """``serving.<module>`` (the repository's serving package), with a one-line error when its extras are missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"serving.{module}")
+    except ImportError as error:
+        raise OSError(f"serving needs the 'serving' extras (pip install -e .[serving]): {error}") from error
+
+
+def _export(args, extra) -> int:
+    from shaspec_tf.export import export_trained
+
+    path = export_trained(args.model, args.out, args.name, args.version, overlap=args.overlap)
+    print(f"exported {os.path.abspath(args.model)} -> {os.path.abspath(path)}")
+    return 0
+
+
+def _serve(args, extra) -> int:
+    import logging
+
+    serve = _serving_import("server").serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return serve(args.model_base, args.grpc_port, args.rest_port, args.host, args.poll_seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,13 +353,37 @@ def build_parser() -> argparse.ArgumentParser:
     inference_options(ev)
     ev.set_defaults(func=_evaluate)
 
-    pr = sub.add_parser("predict", help="segment one case from any non-empty subset of its sequences")
-    pr.add_argument("--model", required=True)
+    pr = sub.add_parser("predict", help="segment one case from any non-empty subset of its sequences, with a local "
+                                        "model (--model) or a TF Serving server (--server)")
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a 'shaspec train' output folder")
+    source.add_argument("--server", help="HOST:PORT of TF Serving or 'shaspec serve' (gRPC 8500, REST 8501)")
+    pr.add_argument("--model-name", help="with --server: the served model's name")
+    pr.add_argument("--model-version", type=int, help="with --server: a version (default: the latest)")
+    pr.add_argument("--protocol", default="grpc", choices=("grpc", "rest"), help="with --server")
     for modality in ("flair", "t1", "t1ce", "t2"):
         pr.add_argument(f"--{modality}", help=f"{modality.upper()} NIfTI file")
     pr.add_argument("--out", required=True, help="output NIfTI (BraTS labels 0, 1, 2, 4; the input's affine)")
     inference_options(pr)
     pr.set_defaults(func=_predict)
+
+    ex = sub.add_parser("export", help="a trained model -> TF Serving SavedModel BASE/NAME/VERSION (signatures "
+                                       "serving_default, and segment_volume for segmenters)")
+    ex.add_argument("--model", required=True, help="a 'shaspec train' output folder")
+    ex.add_argument("--out", required=True, help="the model base folder (TF Serving's --model_base_path parent)")
+    ex.add_argument("--name", required=True, help="the model name (a folder under --out)")
+    ex.add_argument("--version", type=int, help="default: one more than the highest existing version")
+    ex.add_argument("--overlap", type=float, default=1 / 3, help="segment_volume's sliding-window overlap")
+    ex.set_defaults(func=_export)
+
+    sv = sub.add_parser("serve", help="serve every model under a base folder over gRPC and REST with plain "
+                                      "TensorFlow (TF Serving's APIs; new versions are picked up)")
+    sv.add_argument("--model-base", required=True, help="folder of NAME/VERSION SavedModels")
+    sv.add_argument("--grpc-port", type=int, default=8500)
+    sv.add_argument("--rest-port", type=int, default=8501)
+    sv.add_argument("--host", default="0.0.0.0")
+    sv.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new versions")
+    sv.set_defaults(func=_serve)
     return parser
 
 

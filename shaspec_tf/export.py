@@ -1,0 +1,283 @@
+"""Export trained ShaSpec models as TensorFlow Serving SavedModels (``BASE/NAME/VERSION/``).
+
+The SavedModels hold TF-core ops only: they load with ``tf.saved_model.load`` (or TF Serving) without this package.
+
+Segmentation signatures:
+
+* ``serving_default``: ``image`` float32 ``[B, D, H, W, M]`` (D, H, W divisible by 16, 32, 32) and ``modality_mask``
+  float32 ``[B, M]`` -> ``probabilities`` float32 ``[B, D, H, W, 3]`` (sigmoids, ET/WT/TC) and ``labels`` uint8
+  ``[B, D, H, W]`` (BraTS values 0, 1, 2, 4).
+* ``segment_volume``: whole volumes of any size, ``image`` float32 ``[B, D, H, W, M]`` (usually B = 1; a batch holds
+  volumes of one size) and ``modality_mask`` float32 ``[B, M]`` -> ``labels`` uint8 ``[B, D, H, W]``. Sliding
+  windows of the model's ``crop_size`` with the given overlap (default 1/3) and Gaussian blending run inside the
+  graph, as :func:`shaspec_tf.inference.sliding_window_predict` does in NumPy; axes shorter than the window are
+  padded with zeros and cropped back.
+
+Classification ``serving_default``: ``image`` ``[B, 28, 28, 1]``, ``audio`` ``[B, 20, 20, 1]``, ``modality_mask``
+``[B, 2]`` -> ``probabilities`` float32 ``[B, 10]`` (softmax) and ``class`` int64 ``[B]``.
+
+Every signature checks its inputs in the graph (loaded signatures do not check shapes themselves): the fixed sizes
+(channels, mask length; a wrong rank shows up as a wrong size), that each mask holds only 0 and 1 with at least one
+1 (an all-zero mask fails with ``InvalidArgumentError``), and that all inputs agree on the batch size.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+MANIFEST_PATH = os.path.join("assets.extra", "shaspec_export.json")  # TF Serving ignores files beside the model
+SEGMENTATION_SIGNATURES = ("serving_default", "segment_volume")
+CLASSIFICATION_SIGNATURES = ("serving_default",)
+
+__all__ = ["export_model", "export_trained", "next_version", "list_versions", "read_manifest",
+           "make_serving_functions", "MANIFEST_PATH"]
+
+
+def list_versions(base: str, name: str) -> list:
+    """The integer version folders under ``base/name``, ascending (missing folder: ``[]``)."""
+    folder = os.path.join(base, name)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(entry) for entry in os.listdir(folder)
+                  if entry.isdigit() and os.path.isdir(os.path.join(folder, entry)))
+
+
+def next_version(base: str, name: str) -> int:
+    """One more than the highest existing version under ``base/name`` (1 when there is none)."""
+    versions = list_versions(base, name)
+    return versions[-1] + 1 if versions else 1
+
+
+def read_manifest(version_dir: str) -> dict:
+    """The export manifest written beside a SavedModel by :func:`export_model`."""
+    with open(os.path.join(version_dir, MANIFEST_PATH)) as f:
+        return json.load(f)
+
+
+def _mask_checks(tf, mask, batch):
+    """Graph assertions on ``mask`` [B, M] and that its batch size is ``batch``."""
+    return [
+        tf.debugging.assert_equal(tf.shape(mask)[0], batch, message="modality_mask and image must have the same "
+                                  "batch size (one mask row per sample)"),
+        tf.debugging.assert_equal(tf.reduce_all((mask == 0.0) | (mask == 1.0)), True,
+                                  message="modality_mask must hold only 0 and 1"),
+        tf.debugging.assert_equal(tf.reduce_all(tf.reduce_max(mask, axis=-1) > 0.0), True,
+                                  message="modality_mask is all zero for a sample: at least one modality must be "
+                                          "available (set its entry to 1)"),
+    ]
+
+
+def _shape_checks(tf, name, tensor, expected):
+    """Graph assertion that ``tensor`` has the fixed sizes of ``expected`` (None: any size). Loaded signatures
+    check neither rank nor shape, and the traced rank is static, so a tensor of another rank is caught here by
+    its sizes: the shape is padded with zeros, which never match a fixed size."""
+    text = "[" + ", ".join("?" if d is None else str(d) for d in expected) + "]"
+    fixed = [(i, d) for i, d in enumerate(expected) if d is not None]
+    shape = tf.concat([tf.shape(tensor), tf.zeros([len(expected)], tf.int32)], axis=0)
+    same = tf.reduce_all(tf.stack([tf.equal(shape[i], d) for i, d in fixed]))
+    return [tf.debugging.assert_equal(same, True, message=f"{name} must have shape {text} (rank {len(expected)})")]
+
+
+def _labels_from_probabilities(tf, prob, threshold: float = 0.5):
+    """BraTS labels uint8 [..., D, H, W] from ET/WT/TC probabilities [..., 3]: the precedence of
+    :func:`shaspec_tf.inference.probabilities_to_labels` (ET -> 4 over TC -> 1 over WT -> 2, strict threshold)."""
+    on = prob > threshold
+    zeros = tf.zeros(tf.shape(prob)[:-1], tf.uint8)
+    labels = tf.where(on[..., 1], tf.constant(2, tf.uint8), zeros)
+    labels = tf.where(on[..., 2], tf.constant(1, tf.uint8), labels)
+    return tf.where(on[..., 0], tf.constant(4, tf.uint8), labels)
+
+
+def _axis_starts(tf, size, roi: int, overlap: float):
+    """Window starts along one axis of (padded) length ``size`` >= ``roi``: the rule of
+    :func:`shaspec_tf.inference.window_starts` in TF ops."""
+    stride = max(1, math.ceil(round(roi * (1.0 - overlap), 9)))
+    count = (size - roi + stride - 1) // stride + 1
+    return tf.minimum(tf.range(count) * stride, size - roi)
+
+
+def _gaussian_weights(tf, roi, sigma_scale: float):
+    """The separable Gaussian of :func:`shaspec_tf.inference.gaussian_importance_map` (max 1, floor 1e-3)."""
+    import numpy as np
+
+    from shaspec_tf.inference import _IMPORTANCE_FLOOR
+
+    profiles = []
+    for r in roi:
+        x = np.arange(r, dtype=np.float64) - (r - 1) / 2.0
+        p = np.exp(-0.5 * (x / (sigma_scale * r)) ** 2)
+        profiles.append(tf.constant((p / p.max()).astype(np.float32)))
+    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    return tf.maximum(weights, _IMPORTANCE_FLOOR)
+
+
+def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0.125) -> dict:
+    """``{signature name: tf.function with an input signature}`` for ``model`` (a ShaSpec segmenter or
+    classifier); the functions call the model in inference mode."""
+    import tensorflow as tf
+
+    config = model.shaspec_config
+    m = len(config["modalities"])
+    mask_spec = tf.TensorSpec([None, m], tf.float32, name="modality_mask")
+
+    def logits(inputs):
+        out = model(inputs, training=False)
+        return out["logits"] if isinstance(out, dict) else out
+
+    if config["task"] == "classification":
+        shapes = config["input_shapes"]
+        names = list(config["modalities"])
+        specs = [tf.TensorSpec([None] + list(shapes[n]), tf.float32, name=n) for n in names] + [mask_spec]
+
+        def classify(*args):
+            inputs = dict(zip(names + ["modality_mask"], args))
+            first = []
+            for spec, arg in zip(specs, args):
+                first += _shape_checks(tf, spec.name, arg, spec.shape.as_list())
+            with tf.control_dependencies(first):
+                checks = _mask_checks(tf, inputs["modality_mask"], tf.shape(args[0])[0])
+            checks += [tf.debugging.assert_equal(tf.shape(a)[0], tf.shape(args[0])[0],
+                                                 message=f"{n} and {names[0]} must have the same batch size")
+                       for n, a in zip(names[1:], args[1:len(names)])]
+            with tf.control_dependencies(checks):
+                prob = tf.nn.softmax(tf.cast(logits(inputs), tf.float32), axis=-1)
+            return {"probabilities": prob, "class": tf.argmax(prob, axis=-1, output_type=tf.int64)}
+
+        # The signature takes its input names from the TensorSpec names.
+        return {"serving_default": tf.function(classify, input_signature=specs)}
+
+    if config["task"] != "segmentation":
+        raise ValueError(f"cannot export a model with task {config['task']!r}")
+    from shaspec_tf.inference import ROI_DIVISOR, _validate_roi
+
+    roi = _validate_roi(config["crop_size"])
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    image_spec = tf.TensorSpec([None, None, None, None, m], tf.float32, name="image")
+
+    @tf.function(input_signature=[image_spec, mask_spec])
+    def serving_default(image, modality_mask):
+        with tf.control_dependencies(_shape_checks(tf, "image", image, [None, None, None, None, m])
+                                     + _shape_checks(tf, "modality_mask", modality_mask, [None, m])):
+            shape = tf.shape(image)
+            checks = _mask_checks(tf, modality_mask, shape[0])
+            checks.append(tf.debugging.assert_equal(
+                tf.reduce_all(tf.math.floormod(shape[1:4], ROI_DIVISOR) == 0), True,
+                message=f"image spatial size (D, H, W) must be divisible by {ROI_DIVISOR} for serving_default "
+                        f"(use segment_volume for volumes of any size)"))
+        with tf.control_dependencies(checks):
+            prob = tf.sigmoid(tf.cast(logits({"image": image, "modality_mask": modality_mask}), tf.float32))
+        return {"probabilities": prob, "labels": _labels_from_probabilities(tf, prob)}
+
+    weights = _gaussian_weights(tf, roi, sigma_scale)
+    offsets = tf.stack(tf.meshgrid(*(tf.range(r) for r in roi), indexing="ij"), axis=-1)  # [rd, rh, rw, 3]
+
+    def one_volume(args):
+        volume, mask = args  # [D, H, W, M], [M]
+        shape = tf.shape(volume)[:3]
+        padded_shape = tf.maximum(shape, roi)
+        paddings = tf.stack([tf.zeros(3, tf.int32), padded_shape - shape], axis=1)  # zeros after each axis' end
+        volume = tf.pad(volume, tf.concat([paddings, [[0, 0]]], axis=0))
+        starts = [_axis_starts(tf, padded_shape[i], roi[i], overlap) for i in range(3)]
+        grid = tf.stack(tf.meshgrid(*starts, indexing="ij"), axis=-1)
+        positions = tf.reshape(grid, [-1, 3])
+        count = tf.shape(positions)[0]
+        accum = tf.zeros(tf.concat([padded_shape, [4]], axis=0), tf.float32)  # 3 weighted channels + weight
+
+        def body(i, accum):
+            start = positions[i]
+            tile = tf.slice(volume, tf.concat([start, [0]], axis=0), list(roi) + [m])
+            tile = tf.ensure_shape(tile, list(roi) + [m])
+            prob = tf.sigmoid(tf.cast(logits({"image": tile[None], "modality_mask": mask[None]}), tf.float32))[0]
+            update = tf.concat([prob * weights[..., None], weights[..., None]], axis=-1)
+            return i + 1, tf.tensor_scatter_nd_add(accum, offsets + start, update)
+
+        _, accum = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), accum),
+                                 parallel_iterations=1)
+        prob = accum[..., :3] / accum[..., 3:]
+        prob = prob[:shape[0], :shape[1], :shape[2]]
+        return _labels_from_probabilities(tf, prob)
+
+    @tf.function(input_signature=[image_spec, mask_spec])
+    def segment_volume(image, modality_mask):
+        with tf.control_dependencies(_shape_checks(tf, "image", image, [None, None, None, None, m])
+                                     + _shape_checks(tf, "modality_mask", modality_mask, [None, m])):
+            shape = tf.shape(image)
+            checks = _mask_checks(tf, modality_mask, shape[0])
+            checks.append(tf.debugging.assert_positive(tf.reduce_prod(shape[1:4]),
+                                                       message="image must have at least one voxel"))
+        with tf.control_dependencies(checks):
+            labels = tf.map_fn(one_volume, (image, modality_mask),
+                               fn_output_signature=tf.TensorSpec([None, None, None], tf.uint8))
+        return {"labels": labels}
+
+    return {"serving_default": serving_default, "segment_volume": segment_volume}
+
+
+def export_model(model, base: str, name: str, version: Optional[int] = None, *, overlap: float = 1 / 3,
+                 sigma_scale: float = 0.125, source: Optional[str] = None) -> str:
+    """Write ``model`` as the SavedModel ``base/name/version/`` (version: next free integer by default) and return
+    that folder.
+
+    The SavedModel is written to a temporary folder beside the version folder and renamed into place, so a
+    half-written export never appears as a version. An existing version is never overwritten.
+    """
+    import keras
+
+    if not name or os.sep in name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"model name must be a plain folder name, got {name!r}")
+    if version is None:
+        version = next_version(base, name)
+    if isinstance(version, bool) or int(version) != version or int(version) < 0:
+        raise ValueError(f"version must be a non-negative integer, got {version!r}")
+    version = int(version)
+    model_dir = os.path.join(base, name)
+    target = os.path.join(model_dir, str(version))
+    if os.path.exists(target):
+        raise FileExistsError(f"{target} already exists: versions are never overwritten; pick another --version")
+    functions = make_serving_functions(model, overlap=overlap, sigma_scale=sigma_scale)
+    os.makedirs(model_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir)  # not an integer: servers ignore it
+    try:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        for signature, fn in functions.items():
+            archive.add_endpoint(signature, fn)
+        archive.write_out(tmp, verbose=False)
+        config = model.shaspec_config
+        manifest = {
+            "format": "shaspec-tf export 1",
+            "model_name": name,
+            "version": version,
+            "task": config["task"],
+            "preset": config.get("preset"),
+            "modalities": list(config["modalities"]),
+            "signatures": sorted(functions),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source,
+            "shaspec_config": config,
+        }
+        if config["task"] == "segmentation":
+            manifest.update(regions=["ET", "WT", "TC"], roi_size=list(config["crop_size"]), overlap=overlap,
+                            blending="gaussian", sigma_scale=sigma_scale, labels=[0, 1, 2, 4])
+        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+        with open(os.path.join(tmp, MANIFEST_PATH), "w") as f:
+            json.dump(manifest, f, indent=2, default=list)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def export_trained(model_dir: str, base: str, name: str, version: Optional[int] = None, **kwargs) -> str:
+    """:func:`export_model` of the model saved by ``shaspec train`` in ``model_dir``."""
+    from shaspec_tf.workflows import load_trained
+
+    return export_model(load_trained(model_dir), base, name, version,
+                        source=os.path.abspath(model_dir), **kwargs)
