@@ -1,0 +1,108 @@
+"""The training-step benchmark harness (benchmarks/train_step_benchmark.py) runs and writes the documented JSON."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import train_step_benchmark as tsb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _finite_number(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_window_starts_and_crops_match_the_package():
+    from shaspec_tf.inference import window_starts
+    from shaspec_tf.models.presets import SEGMENTER_PRESETS
+
+    for size, roi in [(155, 80), (240, 160), (40, 32), (32, 32), (20, 32), (96, 48)]:
+        assert tsb.window_starts(size, roi, 1 / 3) == window_starts(size, roi, 1 / 3)
+    assert len(tsb.tile_starts((155, 240, 240), (80, 160, 160), 1 / 3)) == 12
+    for preset, crop in tsb.PRESET_CROPS.items():
+        assert tuple(crop) == tuple(SEGMENTER_PRESETS[preset]["crop_size"])
+
+
+def test_random_masks_keep_at_least_one_modality():
+    masks = np.stack([tsb.random_masks(np.random.default_rng(i), 3) for i in range(50)])
+    assert masks.shape == (50, 3, 4) and set(np.unique(masks)) <= {0.0, 1.0}
+    assert masks.sum(-1).min() >= 1 and masks.sum(-1).max() == 4
+
+
+def _check_train(entry):
+    for key in tsb.TRAIN_KEYS:
+        assert key in entry, key
+    for run in ("all_modalities", "random_modalities"):
+        assert entry[run]["n"] == 1
+        for key in ("median_s", "min_s", "max_s"):
+            assert _finite_number(entry[run][key]) and entry[run][key] > 0
+    assert len(entry["losses"]) == 1 + 1 + 1 and all(math.isfinite(v) for v in entry["losses"])
+    assert entry["all_finite"] is True
+    assert entry["peak_memory"]["kind"] == "process_max_rss" and entry["peak_memory"]["bytes"] > 0
+
+
+def _run(tmp_path, backend, *extra, env=None):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "train_step_benchmark.py"), "--backend", backend,
+           "--preset", "tiny", "--steps", "1", "--random-steps", "1", "--warmup", "1", "--no-jit",
+           "--volume", "32,80,64", "--infer-reps", "1", "--data-batches", "2", "--data-cases", "1",
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, **(env or {})))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_harness_on_jax_without_tensorflow_writes_the_documented_json(tmp_path):
+    """The GPU host's situation: Keras on JAX with TensorFlow not importable; training, inference and (NumPy)
+    data loading all run, each in its own subprocess, and the package never imports TensorFlow."""
+    pytest.importorskip("jax")
+    report, stdout = _run(tmp_path, "jax", env={tsb.BLOCK_TF_ENV: "1"})
+    assert report["schema"] == tsb.SCHEMA and report["backend"] == "jax"
+    assert report["config"]["crop"] == [32, 64, 64] and report["host"]["tensorflow_blocked"] is True
+    entry = report["ours"]["fp32"]
+    _check_train(entry["train"])
+    assert entry["train"]["backend"] == "jax" and entry["train"]["params"] > 0
+    infer = entry["infer"]
+    for key in tsb.INFER_KEYS:
+        assert key in infer, key
+    assert infer["tiles"] == 2 and infer["output_finite"] is True and _finite_number(infer["median_s"])
+    data = report["data"]
+    for key in tsb.DATA_KEYS:
+        assert key in data, key
+    assert data["source"] == "numpy" and _finite_number(data["median_s"])
+    assert report["official"] == {} and report["ratios"] == {}
+    assert "ours      fp32" in stdout
+
+
+@pytest.mark.tensorflow
+def test_harness_on_tensorflow_times_the_tf_data_pipeline(tmp_path):
+    report, _ = _run(tmp_path, "tensorflow", "--skip", "infer", "--data-case-shape", "40,72,72")
+    _check_train(report["ours"]["fp32"]["train"])
+    assert "infer" not in report["ours"]["fp32"]
+    assert report["data"]["source"] == "tfdata" and report["data"]["n"] == 2
+    assert _finite_number(report["data"]["median_s"]) and report["data"]["case_shape"] == [40, 72, 72]
+
+
+def test_ratios_and_summary_with_an_official_entry():
+    train = lambda s: {"all_modalities": {"median_s": s}, "random_modalities": {"median_s": 2 * s},  # noqa: E731
+                       "peak_memory": {"bytes": 100, "gib": 1e-7, "kind": "device_peak_bytes_in_use"}}
+    report = {"backend": "jax", "config": {"preset": "paper", "crop": [80, 160, 160], "batch": 1, "jit": True},
+              "ours": {"fp32": {"train": train(0.5), "infer": {"median_s": 2.0, "tiles": 12}}},
+              "official": {"fp32": {"train": train(0.4), "infer": {"median_s": 1.0, "tiles": 12}}}}
+    report["ratios"] = tsb.compute_ratios(report)
+    r = report["ratios"]["fp32"]
+    assert r["train_step"] == pytest.approx(1.25) and r["whole_volume"] == pytest.approx(2.0)
+    assert r["peak_memory"] == pytest.approx(1.0) and r["architecture_match"] is True
+    assert tsb.summary_lines(report)[-1].startswith("ours/official fp32: train step 1.25x")
+
+
+def test_the_gpu_script_parses():
+    script = os.path.join(REPO, "benchmarks", "gpu", "run_gpu_benchmark.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
