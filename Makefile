@@ -8,8 +8,9 @@ MODEL_TESTS := tests/test_layers.py tests/test_losses.py tests/test_models.py te
 venv:
 	@bash scripts/bootstrap.sh
 
+# The main job: the TFX pipeline on the embedded default (phantom BraTS + the real AV-MNIST), LocalDagRunner.
 demo: venv
-	.venv/bin/shaspec demo
+	.venv/bin/python pipeline/local_runner.py
 
 # The whole suite under TensorFlow, then the model library again under KERAS_BACKEND=jax.
 test: venv

@@ -1,1 +1,2 @@
-"""The TFX pipeline of shaspec-tf: ``create_pipeline(config)`` and its local / Kubeflow V2 runners (in progress)."""
+"""The TFX pipeline of shaspec-tf: ``create_pipeline(config)`` (``pipeline.pipeline``), its configs
+(``pipeline.configs``) and the local / Kubeflow V2 runners."""

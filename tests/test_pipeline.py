@@ -235,3 +235,23 @@ def test_kubeflow_v2_spec_lists_every_component_with_its_parameters(tmp_path, ve
     else:
         assert container["resources"]["accelerator"] == {"count": "2", "type": "NVIDIA_L4"}
     assert spec["pipelineInfo"]["name"] == "shaspec"
+
+
+def test_tfx_cli_registers_the_local_pipeline(tmp_path):
+    """``tfx pipeline create --engine local`` runs the DSL file with LocalDagRunner.run patched: it must register
+    exactly one pipeline without running it."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, LOCAL_HOME=str(tmp_path / "home"), SHASPEC_PIPELINE_SIZE="tiny",
+               SHASPEC_PIPELINE_ROOT=str(tmp_path / "root"), SHASPEC_PIPELINE_TASKS="brats")
+    tfx_cli = os.path.join(os.path.dirname(sys.executable), "tfx")
+    done = subprocess.run([tfx_cli, "pipeline", "create", "--engine", "local", "--pipeline_path",
+                           os.path.join(repo, "pipeline", "local_runner.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'Pipeline "shaspec-tiny" created successfully' in done.stdout
+    args = json.load(open(tmp_path / "home" / "shaspec-tiny" / "pipeline_args.json"))
+    assert args["pipeline_name"] == "shaspec-tiny" and args["pipeline_root"] == str(tmp_path / "root")
+    assert not os.path.exists(tmp_path / "root" / "data")         # registering generates and runs nothing
