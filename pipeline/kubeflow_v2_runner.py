@@ -1,7 +1,8 @@
 """Compile the shaspec-tf pipeline for Kubeflow Pipelines v2 / Vertex AI Pipelines.
 
     python pipeline/kubeflow_v2_runner.py --root gs://BUCKET/shaspec --image gcr.io/PROJECT/shaspec-tf:TAG \\
-        --project PROJECT --region us-central1 --brats-input gs://BUCKET/brats2021 --avmnist-input gs://BUCKET/avmnist \\
+        --project PROJECT --region us-central1 --brats-input gs://BUCKET/brats2021 \\
+        --avmnist-input gs://BUCKET/avmnist \\
         [--accelerator NVIDIA_TESLA_T4 --accelerator-count 1 --machine-type n1-standard-8] [--strategy mirrored] \\
         [--vertex-training] [--dataflow] --out shaspec_pipeline.json
 

@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import threading
-import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Optional
