@@ -30,6 +30,20 @@ def examples_folder(file_patterns) -> str:
     return os.path.dirname(os.path.dirname(first))
 
 
+def _unversion_manifest(saved_model: str) -> None:
+    """The Pusher picks the serving version (a timestamp), so the export manifest names none."""
+    import json
+
+    from shaspec_tf.export import MANIFEST_PATH
+
+    path = os.path.join(saved_model, MANIFEST_PATH)
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update(version=None, model_name=None, versioned_by="the TFX Pusher (its push time)")
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
 def run_fn(fn_args) -> None:
     from shaspec_tf.export import export_model
     from shaspec_tf.training.trainer import TrainConfig, train
@@ -58,7 +72,8 @@ def run_fn(fn_args) -> None:
     # a scratch base beside it, then move that version into place.
     scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(fn_args.serving_model_dir.rstrip("/")))
     try:
-        version = export_model(load_trained(model_dir), scratch, "model", 1)
+        version = export_model(load_trained(model_dir), scratch, "model", 1, source=model_dir)
+        _unversion_manifest(version)
         if os.path.exists(fn_args.serving_model_dir):
             shutil.rmtree(fn_args.serving_model_dir)
         shutil.move(version, fn_args.serving_model_dir)

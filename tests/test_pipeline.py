@@ -92,6 +92,8 @@ def test_avmnist_pipeline_failure_resume_blessing_caching_and_gated_push(tmp_pat
     model = _latest(root, "Trainer.avmnist", "model")
     assert os.path.exists(os.path.join(model, "Format-Serving", "saved_model.pb"))
     assert os.path.exists(os.path.join(model, "Format-Shaspec", "model.weights.h5"))
+    manifest = json.load(open(os.path.join(model, "Format-Serving", "assets.extra", "shaspec_export.json")))
+    assert manifest["version"] is None and manifest["task"] == "classification"
     report = result["tasks"]["avmnist"]["report"]
     metrics = json.load(open(os.path.join(report, "candidate", "metrics.json")))
     assert set(metrics) == {"image", "audio", "image+audio", "mean"}
