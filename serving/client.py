@@ -215,38 +215,10 @@ def predict_nifti_remote(server: str, model_name: str, paths: Dict[str, Optional
     """``shaspec predict --server``: read and preprocess the given sequences as
     :func:`shaspec_tf.workflows.predict_nifti` does, segment the brain crop on the server (``segment_volume``),
     and write BraTS labels as NIfTI with the input's affine (atomically)."""
-    from pathlib import Path
+    from shaspec_tf.workflows import nifti_inputs, read_nifti_case, write_nifti_labels
 
-    import nibabel as nib
-
-    from shaspec_tf.data.brats import BratsCaseFiles, load_case, preprocess, uncrop
-    from shaspec_tf.data.schema import BRATS_MODALITIES
-    from shaspec_tf.inference import postprocess as postprocess_labels
-
-    given = {m: Path(p) for m, p in paths.items() if p}
-    if not given:
-        raise ValueError("give at least one of --flair, --t1, --t1ce, --t2")
-    unknown = sorted(set(given) - set(BRATS_MODALITIES))
-    if unknown:
-        raise ValueError(f"unknown modalities {unknown}")
-    files = BratsCaseFiles(case_id=Path(out_path).name.split(".")[0],
-                           paths={m: given.get(m) for m in BRATS_MODALITIES}, seg=None)
-    record = preprocess(load_case(files))
+    given = nifti_inputs(paths)
+    record = read_nifti_case(given, out_path)
     with make_client(server, protocol, timeout) as client:
         labels = segment_volume(client, model_name, record.image, record.modality_mask.astype(np.float32), version)
-    if postprocess:
-        labels = postprocess_labels(labels)
-    full = uncrop(labels, record.original_shape, record.crop_start)
-    reference = nib.load(str(next(iter(given.values()))))
-    if tuple(reference.shape[:3]) != tuple(full.shape[::-1]):
-        raise ValueError(f"internal error: prediction grid {full.shape[::-1]} differs from the input {reference.shape}")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    image = nib.Nifti1Image(np.transpose(full, (2, 1, 0)).astype(np.uint8), reference.affine, reference.header)
-    image.set_data_dtype(np.uint8)
-    suffix = ".nii.gz" if out_path.endswith(".gz") else ".nii"
-    tmp = os.path.join(out_dir, f".{os.path.basename(out_path)}.partial{suffix}")
-    nib.save(image, tmp)
-    os.replace(tmp, out_path)  # never a half-written file under the final name
-    counts = {int(v): int(c) for v, c in zip(*np.unique(full, return_counts=True))}
-    return {"out": out_path, "modalities": sorted(given), "label_voxels": counts}
+    return write_nifti_labels(labels, record, given, out_path, postprocess)

@@ -95,18 +95,12 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     return evaluate_subsets(predict, batches, modalities, subsets=subsets, task="classification", progress=False)
 
 
-def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str, roi_size=None,
-                  overlap: float = 1 / 3, tta: bool = False, postprocess: bool = False) -> dict:
-    """Segment one case from whatever sequences are given (any non-empty subset of FLAIR, T1, T1ce, T2) and write
-    BraTS label values (0, 1, 2, 4) as NIfTI with the input's affine and grid."""
-    import nibabel as nib
-
-    from shaspec_tf.data.brats import BratsCaseFiles, load_case, preprocess, uncrop
-    from shaspec_tf.data.schema import BRATS_MODALITIES
-    from shaspec_tf.inference import postprocess as postprocess_labels
-    from shaspec_tf.inference import predict_case
-
+def nifti_inputs(paths: Dict[str, Optional[str]]) -> dict:
+    """The given sequences of ``paths`` (modality -> file or None) as ``{modality: Path}``; one-line errors for none
+    or an unknown modality."""
     from pathlib import Path
+
+    from shaspec_tf.data.schema import BRATS_MODALITIES
 
     given = {m: Path(p) for m, p in paths.items() if p}
     if not given:
@@ -114,13 +108,29 @@ def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str
     unknown = sorted(set(given) - set(BRATS_MODALITIES))
     if unknown:
         raise ValueError(f"unknown modalities {unknown}")
-    model = load_trained(model_dir)
+    return given
+
+
+def read_nifti_case(given: dict, out_path: str):
+    """Load and preprocess (brain crop, z-score) the sequences of :func:`nifti_inputs` as one ``BratsRecord``."""
+    from pathlib import Path
+
+    from shaspec_tf.data.brats import BratsCaseFiles, load_case, preprocess
+    from shaspec_tf.data.schema import BRATS_MODALITIES
+
     files = BratsCaseFiles(case_id=Path(out_path).name.split(".")[0],
                            paths={m: given.get(m) for m in BRATS_MODALITIES}, seg=None)
-    record = preprocess(load_case(files))
-    roi = tuple(roi_size or model.shaspec_config["crop_size"])
-    labels, _ = predict_case(model, record.image, record.modality_mask.astype(np.float32), roi_size=roi,
-                             overlap=overlap, tta_flips=tta)
+    return preprocess(load_case(files))
+
+
+def write_nifti_labels(labels, record, given: dict, out_path: str, postprocess: bool = False) -> dict:
+    """Labels on ``record``'s crop -> BraTS label values on the input's grid and affine, written atomically (never a
+    half-written file under the final name); returns ``{"out", "modalities", "label_voxels"}``."""
+    import nibabel as nib
+
+    from shaspec_tf.data.brats import uncrop
+    from shaspec_tf.inference import postprocess as postprocess_labels
+
     if postprocess:
         labels = postprocess_labels(labels)
     full = uncrop(labels, record.original_shape, record.crop_start)
@@ -134,6 +144,21 @@ def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str
     suffix = ".nii.gz" if out_path.endswith(".gz") else ".nii"
     tmp = os.path.join(out_dir, f".{os.path.basename(out_path)}.partial{suffix}")
     nib.save(image, tmp)
-    os.replace(tmp, out_path)  # never a half-written file under the final name
+    os.replace(tmp, out_path)
     counts = {int(v): int(c) for v, c in zip(*np.unique(full, return_counts=True))}
     return {"out": out_path, "modalities": sorted(given), "label_voxels": counts}
+
+
+def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str, roi_size=None,
+                  overlap: float = 1 / 3, tta: bool = False, postprocess: bool = False) -> dict:
+    """Segment one case from whatever sequences are given (any non-empty subset of FLAIR, T1, T1ce, T2) and write
+    BraTS label values (0, 1, 2, 4) as NIfTI with the input's affine and grid."""
+    from shaspec_tf.inference import predict_case
+
+    given = nifti_inputs(paths)
+    model = load_trained(model_dir)
+    record = read_nifti_case(given, out_path)
+    roi = tuple(roi_size or model.shaspec_config["crop_size"])
+    labels, _ = predict_case(model, record.image, record.modality_mask.astype(np.float32), roi_size=roi,
+                             overlap=overlap, tta_flips=tta)
+    return write_nifti_labels(labels, record, given, out_path, postprocess)
