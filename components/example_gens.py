@@ -83,26 +83,16 @@ def BratsExampleGen(
     """
     import time
 
-    import tensorflow as tf
-
-    from shaspec_tf.data.beam_brats import _manifest, _ProcessCase, _read_lines
+    from shaspec_tf.data.beam_brats import _manifest, read_case_log, write_cases
     from shaspec_tf.data.brats import discover_cases
 
     cases = discover_cases(input_dir)
     uri = examples.uri
     start = time.time()
     with beam_pipeline as p:
-        results = (p | "Cases" >> beam.Create(cases)
-                   | "Process" >> beam.ParDo(_ProcessCase(eval_fraction, require_label, strict, crop_to_brain))
-                   .with_outputs(*BRATS_SPLITS, "meta", "rejected"))
-        for split in BRATS_SPLITS:
-            _write_split(results[split], uri, split, shards, f"Write{split}")
-        _ = results.meta | "WriteMeta" >> beam.io.WriteToText(f"{uri}/_meta/cases", file_name_suffix=".jsonl")
-        _ = results.rejected | "WriteRejected" >> beam.io.WriteToText(f"{uri}/_meta/rejected",
-                                                                      file_name_suffix=".jsonl")
-    metas = [json.loads(line) for line in _read_lines(f"{uri}/_meta/cases*.jsonl")]
-    rejected = [json.loads(line) for line in _read_lines(f"{uri}/_meta/rejected*.jsonl")]
-    tf.io.gfile.rmtree(f"{uri}/_meta")
+        write_cases(p, cases, uri, eval_fraction, shards, require_label, strict, crop_to_brain,
+                    split_dir="Split-{split}", suffix=".gz")
+    metas, rejected = read_case_log(uri)
     manifest = _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
     _write_manifest(uri, manifest)
     empty = [split for split in BRATS_SPLITS if manifest["splits"][split]["cases"] == 0]

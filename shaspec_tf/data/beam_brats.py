@@ -69,6 +69,34 @@ class _ProcessCase:
             "shape": list(record.image.shape[:3]), "labelled": record.label is not None}))
 
 
+def write_cases(p, cases, out: str, eval_fraction: float, shards: int, require_label: bool = True,
+                strict: bool = False, crop_to_brain: bool = True, split_dir: str = "{split}",
+                suffix: str = ".tfrecord") -> None:
+    """Add the case processing to the Beam pipeline ``p``: each split's examples go to
+    ``out/<split_dir>/data-*<suffix>`` (``".gz"``: GZIP), the per-case log to ``out/_meta`` (see
+    :func:`read_case_log`)."""
+    import apache_beam as beam
+
+    results = (p | "Cases" >> beam.Create(cases)
+               | "Process" >> beam.ParDo(_ProcessCase(eval_fraction, require_label, strict, crop_to_brain))
+               .with_outputs(*SPLITS, "meta", "rejected"))
+    for split in SPLITS:
+        _ = results[split] | f"Write{split}" >> beam.io.WriteToTFRecord(
+            f"{out}/{split_dir.format(split=split)}/data", file_name_suffix=suffix, num_shards=shards)
+    _ = results.meta | "WriteMeta" >> beam.io.WriteToText(f"{out}/_meta/cases", file_name_suffix=".jsonl")
+    _ = results.rejected | "WriteRejected" >> beam.io.WriteToText(f"{out}/_meta/rejected", file_name_suffix=".jsonl")
+
+
+def read_case_log(out: str):
+    """``(written, rejected)`` case records from the log :func:`write_cases` left in ``out/_meta`` (then removed)."""
+    import tensorflow as tf
+
+    metas = [json.loads(line) for line in _read_lines(f"{out}/_meta/cases*.jsonl")]
+    rejected = [json.loads(line) for line in _read_lines(f"{out}/_meta/rejected*.jsonl")]
+    tf.io.gfile.rmtree(f"{out}/_meta")
+    return metas, rejected
+
+
 def _pipeline_options(beam_args: Sequence[str], workers: int):
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -115,18 +143,8 @@ def prepare_brats(input_dir: str, output_dir: str, eval_fraction: float = 0.2, s
     start = time.time()
     try:
         with beam.Pipeline(options=_pipeline_options(list(beam_args), workers)) as p:
-            results = (p | "Cases" >> beam.Create(cases)
-                       | "Process" >> beam.ParDo(_ProcessCase(eval_fraction, require_label, strict, crop_to_brain))
-                       .with_outputs("train", "eval", "meta", "rejected"))
-            for split in SPLITS:
-                _ = results[split] | f"Write{split}" >> beam.io.WriteToTFRecord(
-                    f"{staging}/{split}/data", file_name_suffix=".tfrecord", num_shards=shards)
-            _ = results.meta | "WriteMeta" >> beam.io.WriteToText(f"{staging}/_meta/cases", file_name_suffix=".jsonl")
-            _ = results.rejected | "WriteRejected" >> beam.io.WriteToText(f"{staging}/_meta/rejected",
-                                                                          file_name_suffix=".jsonl")
-        metas = [json.loads(line) for line in _read_lines(f"{staging}/_meta/cases*.jsonl")]
-        rejected = [json.loads(line) for line in _read_lines(f"{staging}/_meta/rejected*.jsonl")]
-        tf.io.gfile.rmtree(f"{staging}/_meta")
+            write_cases(p, cases, staging, eval_fraction, shards, require_label, strict, crop_to_brain)
+        metas, rejected = read_case_log(staging)
         manifest = _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
         with tf.io.gfile.GFile(f"{staging}/manifest.json", "w") as f:
             f.write(json.dumps(manifest, indent=2))
