@@ -10,7 +10,6 @@ Failures raise :class:`ServingError` (a ``ValueError``) naming the server, the s
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from typing import Dict, Optional
