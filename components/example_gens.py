@@ -122,10 +122,9 @@ def AvMnistExampleGen(
     choice of which training samples keep their audio (``audio_rate``) are planned up front; Beam then turns each
     planned sample into a record (MFCCs of its WAV) in parallel.
     """
-    from shaspec_tf.data.avmnist import avmnist_job_example, default_sources, parse_indices, plan_avmnist
+    from shaspec_tf.data.avmnist import avmnist_job_example, parse_indices, plan_avmnist, sources_and_speakers
 
-    mnist_npz, fsdd = default_sources(data_dir)
-    names = None if speakers == "all" else [s for s in speakers.split(",") if s]
+    mnist_npz, fsdd, names = sources_and_speakers(data_dir, speakers=speakers)
     manifest, jobs = plan_avmnist(mnist_npz, fsdd, names, parse_indices(test_indices),
                                   parse_indices(train_indices), audio_rate=audio_rate, seed=seed, shards=shards)
     uri = examples.uri

@@ -144,13 +144,9 @@ def _prepare_brats(args, extra) -> int:
 
 
 def _prepare_avmnist(args, extra) -> int:
-    from shaspec_tf.data.avmnist import build_avmnist, default_sources, parse_indices
+    from shaspec_tf.data.avmnist import build_avmnist, parse_indices, sources_and_speakers
 
-    mnist, fsdd = args.mnist, args.fsdd
-    if mnist is None or fsdd is None:
-        default_mnist, default_fsdd = default_sources(args.data_dir)
-        mnist, fsdd = mnist or default_mnist, fsdd or default_fsdd
-    speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
+    mnist, fsdd, speakers = sources_and_speakers(args.data_dir, args.mnist, args.fsdd, args.speakers)
     manifest = build_avmnist(mnist, fsdd, args.out, speakers=speakers,
                              train_indices=parse_indices(args.train_indices),
                              test_indices=parse_indices(args.test_indices), all_test=args.all_test,

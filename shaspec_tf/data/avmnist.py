@@ -619,6 +619,16 @@ def read_published_avmnist(npy_dir, normalize: bool = True, splits=("train", "te
 
 
 # -- command line ------------------------------------------------------------------------------------------------------
+def sources_and_speakers(data_dir=None, mnist_npz=None, fsdd_dir=None, speakers: str = "jackson,nicolas,theo"):
+    """Command-line options -> ``(mnist_npz, fsdd_dir, speakers)`` for :func:`build_avmnist`: unset sources come
+    from :func:`default_sources` (``data_dir``), ``speakers`` is comma-separated or ``"all"`` (-> ``None``)."""
+    if mnist_npz is None or fsdd_dir is None:
+        default_npz, default_fsdd = default_sources(data_dir)
+        mnist_npz, fsdd_dir = mnist_npz or default_npz, fsdd_dir or default_fsdd
+    names = None if speakers == "all" else tuple(s for s in speakers.split(",") if s)
+    return mnist_npz, fsdd_dir, names
+
+
 def parse_indices(text: str):
     """"START:STOP" -> range(START, STOP); "a,b,c" -> [a, b, c] (recording indices)."""
     start, _, stop = text.partition(":")
@@ -642,11 +652,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", type=int, default=1)
     args = parser.parse_args(argv)
     try:
-        mnist_npz, fsdd_dir = args.mnist_npz, args.fsdd_dir
-        if mnist_npz is None or fsdd_dir is None:
-            default_npz, default_fsdd = default_sources(args.data_dir)
-            mnist_npz, fsdd_dir = mnist_npz or default_npz, fsdd_dir or default_fsdd
-        speakers = None if args.speakers == "all" else tuple(s for s in args.speakers.split(",") if s)
+        mnist_npz, fsdd_dir, speakers = sources_and_speakers(args.data_dir, args.mnist_npz, args.fsdd_dir,
+                                                             args.speakers)
         manifest = build_avmnist(mnist_npz, fsdd_dir, args.out_dir, speakers=speakers,
                                  train_indices=parse_indices(args.train_indices),
                                  test_indices=parse_indices(args.test_indices),
