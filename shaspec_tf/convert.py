@@ -131,6 +131,10 @@ def load_official_state_dict(model, state_dict, strict: bool = True, trust_pickl
     receive one; otherwise a ``ValueError`` lists what did not match and nothing is assigned. Returns
     ``{official_key: keras_path}``. ``trust_pickle``: see :func:`read_state_dict`.
     """
+    config = getattr(model, "shaspec_config", {})
+    if config.get("fusion_init", "standardised") != "standardised":
+        raise ValueError(f"{model.name} has fusion_init={config['fusion_init']!r}, but the official fusion projection "
+                         f"is weight-standardised; build it with official_parity=True (or fusion_init='standardised')")
     state = read_state_dict(state_dict, trust_pickle=trust_pickle)
     variables = {v.path: v for v in model.weights}
     mapping, unknown, mismatched = {}, [], []

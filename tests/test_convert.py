@@ -286,6 +286,15 @@ def test_unknown_extra_key_raises_and_assigns_nothing(model, state_dict, extra):
     assert_unchanged(model, before)
 
 
+def test_a_model_with_the_zero_init_fusion_is_refused(state_dict):
+    """Official weights in a model whose fusion projection is not weight-standardised would compute something else."""
+    default = shaspec_tf.build_segmenter("tiny")
+    before = snapshot(default)
+    with pytest.raises(ValueError, match="official_parity=True"):
+        convert.load_official_state_dict(default, state_dict)
+    assert_unchanged(default, before)
+
+
 # -- reading sources -------------------------------------------------------------------------------------------------
 def test_npz_path_input(model, state_dict, tmp_path):
     path = tmp_path / "official.npz"

@@ -442,10 +442,28 @@ def test_decoder3d_rejects_a_wrong_number_of_skips():
 
 
 # -- ResidualFusion --------------------------------------------------------------------------------------------------
-def test_residual_fusion_with_zero_projection_returns_r_exactly(rng):
+def test_residual_fusion_starts_as_the_identity_on_r_by_default(rng):
+    """Default ``init="zeros"``: f = r exactly before training, whatever the specific feature holds."""
     r = rng.normal(size=(2, 3, 3, 3, 4)).astype("float32")
     s = rng.normal(size=(2, 3, 3, 3, 4)).astype("float32")
     layer = L.ResidualFusion(rank=3, kernel_size=3)
+    np.testing.assert_array_equal(to_numpy(layer(r, s)), r)
+    assert not layer.proj.weight_std
+
+
+def test_residual_fusion_standardised_init_is_the_official_scale(rng):
+    """The official weight-standardised projection multiplies the scale by about sqrt(k^3 * 2C) at any init."""
+    r = rng.normal(size=(2, 6, 6, 6, 8)).astype("float32")
+    s = rng.normal(size=(2, 6, 6, 6, 8)).astype("float32")
+    layer = L.ResidualFusion(rank=3, kernel_size=3, init="standardised")
+    ratio = np.std(to_numpy(layer(r, s)) - r) / np.std(r)
+    assert layer.proj.weight_std and 0.5 * np.sqrt(27 * 16) < ratio < 1.5 * np.sqrt(27 * 16)
+
+
+def test_residual_fusion_with_zero_projection_returns_r_exactly(rng):
+    r = rng.normal(size=(2, 3, 3, 3, 4)).astype("float32")
+    s = rng.normal(size=(2, 3, 3, 3, 4)).astype("float32")
+    layer = L.ResidualFusion(rank=3, kernel_size=3, init="standardised")
     layer(r, s)
     layer.proj.conv.kernel.assign(np.zeros(layer.proj.conv.kernel.shape, "float32"))
     np.testing.assert_array_equal(to_numpy(layer(r, s)), r)
@@ -454,9 +472,10 @@ def test_residual_fusion_with_zero_projection_returns_r_exactly(rng):
 def test_residual_fusion_is_r_plus_projection_of_concatenation(rng):
     r = rng.normal(size=(2, 3, 4, 3, 4)).astype("float32")
     s = rng.normal(size=(2, 3, 4, 3, 5)).astype("float32")
-    layer = L.ResidualFusion(rank=3, kernel_size=3)
+    layer = L.ResidualFusion(rank=3, kernel_size=3, init="standardised")
     y = to_numpy(layer(r, s))
     assert tuple(layer.proj.conv.kernel.shape) == (3, 3, 3, 9, 4)
+    assert np.abs(y - r).max() > 1.0  # the projection is not trivially zero
     expected = r + to_numpy(layer.proj(np.concatenate([r, s], axis=-1)))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -465,9 +484,11 @@ def test_residual_fusion_linear_kernel_matches_numpy(rng):
     """kernel_size=1 without weight standardisation is a per-voxel matrix product of concat[r, s]."""
     r = rng.normal(size=(2, 3, 2, 2, 4)).astype("float32")
     s = rng.normal(size=(2, 3, 2, 2, 3)).astype("float32")
-    layer = L.ResidualFusion(rank=3, kernel_size=1, weight_std=False)
+    layer = L.ResidualFusion(rank=3, kernel_size=1)
+    layer(r, s)
+    w = rng.normal(size=(7, 4)).astype("float32")
+    layer.proj.conv.kernel.assign(w[None, None, None])
     y = to_numpy(layer(r, s))
-    w = to_numpy(layer.proj.conv.kernel)[0, 0, 0].astype(np.float64)
     expected = r + np.concatenate([r, s], axis=-1).astype(np.float64) @ w
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
@@ -489,9 +510,11 @@ def test_residual_fusion_dense_variant_on_vectors(rng):
     np.testing.assert_array_equal(to_numpy(layer(r, s)), r)
 
 
-def test_residual_fusion_rejects_other_ranks():
+def test_residual_fusion_rejects_other_ranks_and_inits():
     with pytest.raises(ValueError):
         L.ResidualFusion(rank=2)
+    with pytest.raises(ValueError, match="unknown fusion init"):
+        L.ResidualFusion(init="glorot_sideways")
 
 
 # -- MissingFeatureGenerator -----------------------------------------------------------------------------------------

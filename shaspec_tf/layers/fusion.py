@@ -24,16 +24,31 @@ def _expand_mask(mask, like, dtype):
 class ResidualFusion(keras.layers.Layer):
     """``f = r + proj(concat[r, s])`` (paper Eq. 2), one projection shared by all modalities.
 
-    ``rank=3`` (default): a weight-standardised, bias-free 3D convolution, ``kernel_size=3`` as the official code or
-    ``1`` for the paper's "linear" projection. ``rank=0``: a dense projection for feature vectors (classification).
+    ``rank=3`` (default): a bias-free 3D convolution, ``kernel_size=3`` as the official code or ``1`` for the
+    paper's "linear" projection. ``rank=0``: a dense projection for feature vectors (classification).
+
+    ``init`` chooses the volume projection:
+
+    * ``"zeros"`` (default): a plain convolution initialised at zero, so ``f = r`` at the first step and the
+      specific path is learnt as a residual (the zero-initialised residual branch of Goyal et al. 2017 and Fixup).
+    * any other Keras initializer name (e.g. ``"glorot_uniform"``): a plain convolution initialised so.
+    * ``"standardised"`` (the official code, needed to load its weights): a weight-standardised convolution. Its
+      output has about ``sqrt(k^3 * 2C)`` times the scale of ``r`` (33x for ``small``, 117x for ``paper``), which
+      drowns the shared feature and, in the decoder, the skip connections until training has shrunk it.
     """
 
-    def __init__(self, rank=3, kernel_size=3, weight_std=True, symmetric_padding=False, **kwargs):
+    def __init__(self, rank=3, kernel_size=3, init="zeros", symmetric_padding=False, **kwargs):
         super().__init__(**kwargs)
         if rank not in (0, 3):
             raise ValueError(f"ResidualFusion supports rank 3 (volumes) or 0 (vectors), got {rank}")
-        self.rank, self.kernel_size = int(rank), int(kernel_size)
-        self.weight_std, self.symmetric_padding = bool(weight_std), bool(symmetric_padding)
+        if init != "standardised":
+            try:
+                keras.initializers.get(init)
+            except ValueError:
+                raise ValueError(f"unknown fusion init {init!r}: expected 'standardised' or a Keras initializer "
+                                 f"name such as 'zeros'") from None
+        self.rank, self.kernel_size, self.init = int(rank), int(kernel_size), init
+        self.symmetric_padding = bool(symmetric_padding)
         self.proj = None
 
     def build(self, r_shape, s_shape):
@@ -41,9 +56,10 @@ class ResidualFusion(keras.layers.Layer):
         if channels is None:
             raise ValueError(f"{self.name}: the channel axis must be known, got {r_shape}")
         if self.rank == 3:
-            self.proj = Conv3DUnit(channels, self.kernel_size, weight_std=self.weight_std,
-                                   symmetric_padding=self.symmetric_padding, kernel_initializer="glorot_uniform",
-                                   name="proj")
+            standardised = self.init == "standardised"
+            self.proj = Conv3DUnit(channels, self.kernel_size, weight_std=standardised,
+                                   symmetric_padding=self.symmetric_padding,
+                                   kernel_initializer="glorot_uniform" if standardised else self.init, name="proj")
         else:
             self.proj = keras.layers.Dense(channels, name="proj")
         self.proj.build(tuple(r_shape[:-1]) + (channels + s_shape[-1],))
@@ -52,8 +68,8 @@ class ResidualFusion(keras.layers.Layer):
         return r + self.proj(ops.concatenate([r, s], axis=-1))
 
     def get_config(self):
-        return {**super().get_config(), "rank": self.rank, "kernel_size": self.kernel_size,
-                "weight_std": self.weight_std, "symmetric_padding": self.symmetric_padding}
+        return {**super().get_config(), "rank": self.rank, "kernel_size": self.kernel_size, "init": self.init,
+                "symmetric_padding": self.symmetric_padding}
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")

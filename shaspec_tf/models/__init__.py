@@ -39,6 +39,8 @@ def build_model(config: dict) -> ShaSpecModel:
     preset = config.pop("preset")
     task = config.get("task")
     if task == "segmentation":
+        # Configs saved before ``fusion_init`` existed were trained with the official standardised projection.
+        config.setdefault("fusion_init", "standardised")
         return ShaSpecSegmenter(resolve_config(SEGMENTER_PRESETS, preset, config))
     if task == "classification":
         return ShaSpecClassifier(resolve_config(CLASSIFIER_PRESETS, preset, config))

@@ -39,7 +39,7 @@ def _segmenter_graph(c: dict):
             specific.append(out["features"])
             pooled.append(out["pooled"])
         specific = StackModalities(name="stack_specific")(specific)                        # [B, M, d, h, w, C]
-        fused = ResidualFusion(rank=3, kernel_size=c["fusion_kernel"], weight_std=c["weight_std"],
+        fused = ResidualFusion(rank=3, kernel_size=c["fusion_kernel"], init=c["fusion_init"],
                                symmetric_padding=c["symmetric_padding"], name="fusion")(
             shared_out["features"], MergeModalityBatch(name="merge_specific")(specific))
         fused = UnfoldModalities(m, name="unfold_fused")(fused)
