@@ -106,3 +106,18 @@ def test_ratios_and_summary_with_an_official_entry():
 def test_the_gpu_script_parses():
     script = os.path.join(REPO, "benchmarks", "gpu", "run_gpu_benchmark.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_phantom_learning_summary_averages_seeds_and_compares_per_region():
+    from benchmarks import phantom_brats_learning as pbl
+
+    def mean(et, wt, tc, hd=None):
+        return {"ET": {"dice": et, "hd95": hd}, "WT": {"dice": wt, "hd95": 10.0}, "TC": {"dice": tc, "hd95": 20.0}}
+
+    means = {"shaspec-seed0": mean(0.40, 0.50, 0.60, 5.0), "shaspec-seed1": mean(0.30, 0.50, 0.40),
+             "baseline-seed0": mean(0.30, 0.60, 0.50), "baseline-seed1": mean(0.30, 0.50, 0.50, 7.0)}
+    summary = pbl.summarise(means, [0, 1])
+    assert summary["shaspec"]["ET"] == {"dice": pytest.approx(0.35), "hd95": 5.0}  # undefined HD95 left out
+    assert summary["baseline"]["WT"]["dice"] == pytest.approx(0.55)
+    assert summary["shaspec_at_or_above_baseline"] == {"ET": True, "WT": False, "TC": True}
+    assert pbl.summarise(means, [1])["shaspec_at_or_above_baseline"] == {"ET": True, "WT": True, "TC": False}
