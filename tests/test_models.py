@@ -218,24 +218,21 @@ def test_gradients_reach_every_trainable_weight():
     x = seg_inputs(rng, batch=2, shape=(32, 64, 64))  # a 2x2x2 bottleneck: instance norm is not degenerate there
     y = (rng.random((2, 32, 64, 64, 3)) > 0.7).astype("float32")
     reached = _nonzero_gradients(model, x, y)
-    # The zero-initialised fusion projection passes no task gradient to the specific features at the very first
-    # step; its own kernel gets one, so from the second step on (kernel no longer zero) every weight is reached.
-    assert reached["fusion/proj/conv/kernel"]
-    kernel = model.get_layer("fusion").proj.conv.kernel
-    kernel.assign(rng.normal(scale=0.01, size=tuple(kernel.shape)).astype("float32"))
-    reached = _nonzero_gradients(model, x, y)
     assert [path for path, ok in reached.items() if not ok] == []
 
 
 def test_fused_features_keep_the_shared_scale_at_initialisation():
-    """The default fusion starts at f = r; the official standardised projection is tens of times larger than r,
-    which drowns the shared feature and the decoder's skips at the start of training."""
+    """The default fusion keeps the fused features at the shared features' scale; the official standardised
+    projection is tens of times larger than r, which drowns the shared feature and the decoder's skips at the
+    start of training."""
     x = seg_inputs(np.random.default_rng(15), batch=1, shape=(32, 64, 64))
     ratios = {}
-    for init in ("zeros", "standardised"):
+    for init in ("glorot_uniform", "zeros", "standardised"):
         model = shaspec_tf.build_segmenter("tiny", fusion_init=init)
         out = probe(model, shared="unfold_shared", fused="unfold_fused")(x)
         ratios[init] = float(np.std(to_numpy(out["fused"])) / np.std(to_numpy(out["shared"])))
+    assert shaspec_tf.build_segmenter("tiny").shaspec_config["fusion_init"] == "glorot_uniform"
+    assert 0.5 < ratios["glorot_uniform"] < 2.5
     assert ratios["zeros"] == pytest.approx(1.0, abs=1e-6)
     assert ratios["standardised"] > 10
     assert shaspec_tf.build_segmenter("tiny", official_parity=True).shaspec_config["fusion_init"] == "standardised"
@@ -274,17 +271,12 @@ def test_fit_trains_and_reports_each_loss_term():
         assert len(history[key]) == 2 and all(np.isfinite(history[key]))
     assert history["loss"][0] == pytest.approx(history["task_loss"][0] + 0.1 * history["alignment_loss"][0]
                                                + 0.02 * history["domain_loss"][0], rel=1e-4)
-    # Every weight receives a gradient (tested above). In two steps the specific encoders move little: the
-    # zero-initialised fusion projection holds back their task gradient at the first step, and many of their norm
-    # scales move by less than float32 resolves. So check the bulk of the rest, the heads and the fusion.
+    # Every weight receives a gradient (tested above); a few norm offsets move by less than float32 resolves
+    # in two steps, so check the bulk and the heads.
     changed = {v.path: not np.array_equal(b, to_numpy(v)) for b, v in zip(before, model.trainable_variables)}
-    specific = tuple(f"{name}_encoder/" for name in model.modalities)
-    rest = [ok for path, ok in changed.items() if not path.startswith(specific)]
-    assert sum(rest) >= 0.8 * len(rest)
+    assert sum(changed.values()) >= 0.8 * len(changed)
     assert changed["decoder/head/kernel"] and changed["domain_classifier/dense/kernel"]
-    assert changed["fusion/proj/conv/kernel"]  # the projection has left zero
-    for prefix in specific:
-        assert any(ok for path, ok in changed.items() if path.startswith(prefix)), prefix
+    assert changed["fusion/proj/conv/kernel"]
 
 
 @pytest.mark.slow

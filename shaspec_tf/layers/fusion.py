@@ -29,15 +29,16 @@ class ResidualFusion(keras.layers.Layer):
 
     ``init`` chooses the volume projection:
 
-    * ``"zeros"`` (default): a plain convolution initialised at zero, so ``f = r`` at the first step and the
-      specific path is learnt as a residual (the zero-initialised residual branch of Goyal et al. 2017 and Fixup).
-    * any other Keras initializer name (e.g. ``"glorot_uniform"``): a plain convolution initialised so.
+    * ``"glorot_uniform"`` (default), or any Keras initializer name: a plain convolution initialised so. Glorot
+      keeps ``proj(concat[r, s])`` at about the scale of ``r``; ``"zeros"`` starts from ``f = r`` exactly (a
+      zero-initialised residual branch), which leaves the specific encoders without a task gradient at the first
+      step and slower to start.
     * ``"standardised"`` (the official code, needed to load its weights): a weight-standardised convolution. Its
       output has about ``sqrt(k^3 * 2C)`` times the scale of ``r`` (33x for ``small``, 117x for ``paper``), which
       drowns the shared feature and, in the decoder, the skip connections until training has shrunk it.
     """
 
-    def __init__(self, rank=3, kernel_size=3, init="zeros", symmetric_padding=False, **kwargs):
+    def __init__(self, rank=3, kernel_size=3, init="glorot_uniform", symmetric_padding=False, **kwargs):
         super().__init__(**kwargs)
         if rank not in (0, 3):
             raise ValueError(f"ResidualFusion supports rank 3 (volumes) or 0 (vectors), got {rank}")

@@ -22,7 +22,7 @@ _SEGMENTER_COMMON = dict(
     weight_std=True,
     symmetric_padding=False,      # True: PyTorch padding (needed for official weights)
     fusion_kernel=3,              # 3: the official 3x3x3 projection; 1: the paper's "linear" projection
-    fusion_init="zeros",          # f = r at the start; "standardised": the official weight-standardised projection
+    fusion_init="glorot_uniform", # a plain projection at the scale of r; "standardised": the official one (33-117x r)
     missing_rule="mean",          # paper Eq. 4; "first": the official code
     masked_aux_losses=True,       # paper: auxiliary losses only over present modalities; False: official code
     alignment_pairs="cyclic",
@@ -66,8 +66,8 @@ CLASSIFIER_PRESETS["avmnist-tiny"] = dict(CLASSIFIER_PRESETS["avmnist"], stem_fi
                                           feature_dim=8, head_units=8)
 
 # official_parity=True applies these on top of the preset (load weights from the official PyTorch code).
-OFFICIAL_PARITY = dict(fusion_init="standardised", missing_rule="first", masked_aux_losses=False, symmetric_padding=True,
-                       aspp_image_pool_norm=True)
+OFFICIAL_PARITY = dict(fusion_init="standardised", missing_rule="first", masked_aux_losses=False,
+                       symmetric_padding=True, aspp_image_pool_norm=True)
 
 
 def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
