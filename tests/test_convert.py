@@ -286,7 +286,7 @@ def test_unknown_extra_key_raises_and_assigns_nothing(model, state_dict, extra):
     assert_unchanged(model, before)
 
 
-def test_a_model_with_the_zero_init_fusion_is_refused(state_dict):
+def test_a_model_without_the_standardised_fusion_is_refused(state_dict):
     """Official weights in a model whose fusion projection is not weight-standardised would compute something else."""
     default = shaspec_tf.build_segmenter("tiny")
     before = snapshot(default)
