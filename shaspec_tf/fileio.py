@@ -295,26 +295,30 @@ def remove_tree(path: str) -> None:
 def replace_dir(staging: str, target: str, kind: str, legacy: Optional[Callable[[str], bool]] = None) -> None:
     """Mark ``staging`` as a ``kind`` output and move it onto ``target``. An existing ``target`` must pass
     :func:`ensure_replaceable`; it is moved aside first and removed only once the new folder is in place (a kill in
-    between leaves it as a stale ``.old-`` sibling that :func:`clean_stale` removes later)."""
+    between leaves it as a stale ``.old-`` sibling that :func:`clean_stale` removes later). On any failure
+    ``staging`` is removed and ``target`` is as it was."""
     target = str(target).rstrip("/")
-    write_marker(staging, kind)
-    had = ensure_replaceable(target, kind, legacy=legacy)
-    old = None
-    if _exists(target):
-        if had:
-            parent, name = os.path.split(target)
-            old = os.path.join(parent, f".{name}{_OLD}{_tag()}")
-            _rename(target, old)
-        else:  # an empty folder: rename cannot replace it everywhere
-            if is_uri(target):
+    try:
+        write_marker(staging, kind)
+        had = ensure_replaceable(target, kind, legacy=legacy)
+        old = None
+        if _exists(target):
+            if had:
+                parent, name = os.path.split(target)
+                old = os.path.join(parent, f".{name}{_OLD}{_tag()}")
+                _rename(target, old)
+            elif is_uri(target):  # an empty folder: rename cannot replace it everywhere
                 remove_tree(target)
             else:
                 os.rmdir(target)
-    try:
-        _rename(staging, target)
+        try:
+            _rename(staging, target)
+        except BaseException:
+            if old is not None:
+                _rename(old, target)
+            raise
     except BaseException:
-        if old is not None:
-            _rename(old, target)
+        remove_tree(staging)
         raise
     if old is not None:
         remove_tree(old)
