@@ -2,12 +2,14 @@
 ``../shared/data`` (read in place, never copied into the repository), plus synthetic audio for the MFCC."""
 import json
 import os
+import subprocess
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from shaspec_tf import fileio
 from shaspec_tf.data import avmnist, schema
 
 pytestmark = pytest.mark.tensorflow
@@ -34,7 +36,18 @@ def read_split(out_dir, split):
 
 
 def all_bytes(out_dir):
-    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir())}
+    """Every file of a build but the ownership marker (it records when it was written)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out_dir).iterdir()) if p.name != fileio.MARKER}
+
+
+def dead_partial(target):
+    """A ``.NAME.partial-HOST-PID-*`` folder beside ``target`` as a killed run leaves it (its process is gone)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    path = fileio.partial_name(str(target)).replace(f"-{os.getpid()}-", f"-{proc.pid}-", 1)
+    os.makedirs(path)
+    Path(path, "train-00000-of-00001.tfrecord").write_bytes(b"half")
+    return Path(path)
 
 
 def write_wav(path, signal, rate):
@@ -78,7 +91,7 @@ def test_small_build_pairs_each_recording_with_its_digit(small_build, mnist):
     out, manifest = small_build
     images, labels = mnist
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test-00000-of-00001.tfrecord",
+    assert sorted(p.name for p in out.iterdir()) == [fileio.MARKER, "manifest.json", "test-00000-of-00001.tfrecord",
                                                      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
     rows = manifest["mnist_rows"]
     seen = {}
@@ -303,7 +316,7 @@ def test_rebuild_replaces_an_earlier_build_but_not_a_foreign_folder(tmp_path):
     avmnist.build_avmnist(MNIST, FSDD, out, shards=3, **dict(SMALL, train_indices=range(15, 16)))
     assert len(list(out.glob("train-*"))) == 3
     avmnist.build_avmnist(MNIST, FSDD, out, **dict(SMALL, train_indices=range(15, 16)))
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test-00000-of-00001.tfrecord",
+    assert sorted(p.name for p in out.iterdir()) == [fileio.MARKER, "manifest.json", "test-00000-of-00001.tfrecord",
                                                      "train-00000-of-00001.tfrecord"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -311,6 +324,69 @@ def test_rebuild_replaces_an_earlier_build_but_not_a_foreign_folder(tmp_path):
     with pytest.raises(FileExistsError, match="refusing"):
         avmnist.build_avmnist(MNIST, FSDD, foreign, **SMALL)
     assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_a_manifest_alone_does_not_make_a_folder_ours(tmp_path):
+    user = tmp_path / "project"
+    (user / "src").mkdir(parents=True)
+    (user / "manifest.json").write_text('{"task": "avmnist"}')
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="refusing") as info:
+        avmnist.build_avmnist(MNIST, FSDD, user, **dict(SMALL, train_indices=range(15, 16), test_indices=()))
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in user.iterdir()) == ["manifest.json", "src", "thesis.tex"]
+    assert (user / "thesis.tex").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        avmnist.build_avmnist(MNIST, FSDD, tmp_path / "afile", **SMALL)
+
+
+def test_legacy_build_is_replaced_and_dead_partials_are_cleaned(tmp_path):
+    out = tmp_path / "out"
+    one = dict(SMALL, train_indices=range(15, 16), test_indices=())
+    avmnist.build_avmnist(MNIST, FSDD, out, **one)
+    os.remove(out / fileio.MARKER)                                      # as built before markers existed
+    litter = dead_partial(out)
+    avmnist.build_avmnist(MNIST, FSDD, out, **one)
+    assert fileio.read_marker(str(out))["kind"] == avmnist.KIND and not litter.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    os.remove(out / fileio.MARKER)
+    (out / "notes.txt").write_text("mine")                             # not what a build leaves: refused
+    with pytest.raises(FileExistsError, match="refusing"):
+        avmnist.build_avmnist(MNIST, FSDD, out, **one)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
+
+
+def test_missing_requested_recordings_are_named(tmp_path):
+    names = [f"{d}_theo_{i}.wav" for d in range(10) for i in (15, 16) if (d, i) not in ((3, 15), (7, 16))]
+    folder = fsdd_subset(tmp_path / "fsdd", names)
+    with pytest.raises(FileNotFoundError, match="3_theo_15.wav, 7_theo_16.wav") as info:
+        avmnist.build_avmnist(MNIST, folder, tmp_path / "out", speakers=("theo",), train_indices=range(15, 17),
+                              test_indices=(), progress=False)
+    assert "\n" not in str(info.value) and "2 of the 20" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_mnist_npz_is_named_on_one_line(tmp_path):
+    images, labels = np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
+    np.save(tmp_path / "plain.npy", images)
+    os.rename(tmp_path / "plain.npy", tmp_path / "renamed.npz")        # an .npy under an .npz name
+    np.savez_compressed(tmp_path / "whole.npz", images=images, labels=labels)
+    blob = (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])          # a truncated download
+    for name in ("renamed.npz", "cut.npz"):
+        with pytest.raises(ValueError, match=name) as info:
+            avmnist.load_mnist(tmp_path / name)
+        assert "\n" not in str(info.value)
+    assert avmnist.load_mnist(tmp_path / "whole.npz")[0].shape == (20, 28, 28)
+
+
+@pytest.mark.parametrize("text", ["a:b", "20:15", "1,-2"])
+def test_bad_recording_indices(text):
+    with pytest.raises(ValueError, match="indices") as info:
+        avmnist.parse_indices(text)
+    assert "\n" not in str(info.value)
 
 
 def test_command_line(tmp_path, capsys):

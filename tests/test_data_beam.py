@@ -1,13 +1,15 @@
 """``shaspec prepare brats`` as a Beam pipeline (DirectRunner, multi-processing) on small phantom cases."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from shaspec_tf import fileio
 from shaspec_tf.cli import main
-from shaspec_tf.data.beam_brats import prepare_brats, split_of
+from shaspec_tf.data.beam_brats import KIND, StrictCaseError, prepare_brats, split_of
 from shaspec_tf.data.brats import discover_cases, load_case, preprocess
 from shaspec_tf.data.phantom import write_phantom_dataset
 from shaspec_tf.data.schema import brats_record_from_example
@@ -57,6 +59,8 @@ def test_pipeline_writes_records_manifest_and_rejections(cases, tmp_path):
         np.testing.assert_array_equal(got.label, expected.label)
         np.testing.assert_array_equal(got.modality_mask, files.modality_mask)
     assert sorted(os.listdir(tmp_path)) == ["records"]  # no staging folder left behind
+    marker = fileio.read_marker(str(out))
+    assert marker["kind"] == KIND and marker["files"] == fileio.list_files(str(out))
 
 
 def test_rerun_replaces_output_and_strict_mode_fails_without_output(cases, tmp_path):
@@ -67,8 +71,10 @@ def test_rerun_replaces_output_and_strict_mode_fails_without_output(cases, tmp_p
     prepare_brats(str(root), str(out), eval_fraction=0.0, shards=1, workers=1)
     assert os.listdir(out / "train") == ["data-00000-of-00001.tfrecord"]  # no stale shards
     before = (out / "manifest.json").read_text()
-    with pytest.raises(Exception, match="Phantom_0003"):
+    with pytest.raises(StrictCaseError, match="Phantom_0003") as info:   # one line, not Beam's traceback
         prepare_brats(str(root), str(out), strict=True, workers=1)
+    assert "\n" not in str(info.value) and "1 of 4 cases rejected" in str(info.value)
+    assert [r["case_id"] for r in info.value.rejected] == ["Phantom_0003"]
     assert (out / "manifest.json").read_text() == before  # the earlier complete output is untouched
     assert sorted(os.listdir(tmp_path)) == ["records"]
 
@@ -78,9 +84,81 @@ def test_refuses_to_replace_a_foreign_folder(cases, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an earlier"):
+    with pytest.raises(FileExistsError, match="refusing"):
         prepare_brats(str(root), str(foreign), workers=1)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_manifest_alone_does_not_make_a_folder_ours(cases, tmp_path, capsys):
+    """A user's folder holding a manifest.json (even one that looks like ours) is refused before any work."""
+    root, _ = cases
+    user = tmp_path / "project"
+    (user / "src").mkdir(parents=True)
+    (user / "manifest.json").write_text("{}")
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="refusing"):
+        prepare_brats(str(root), str(user), workers=1)
+    (user / "manifest.json").write_text(json.dumps({"schema_version": 1, "task": "brats", "shards": 1}))
+    assert main(["prepare", "brats", "--input", str(root), "--output", str(user), "--workers", "1"]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["prepare", "brats", "--input", str(root), "--output", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "refusing" in err[0] and "not a folder" in err[1]
+    assert sorted(os.listdir(user)) == ["manifest.json", "src", "thesis.tex"]
+    assert (user / "thesis.tex").read_text() == "precious" and (tmp_path / "afile").read_text() == "x"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "project"]              # no partial folder either
+
+
+def test_options_are_checked_before_any_work(cases, tmp_path, capsys):
+    root, _ = cases
+    out = tmp_path / "records"
+    for bad in (dict(eval_fraction=5), dict(eval_fraction=1.0), dict(eval_fraction=-0.1),
+                dict(eval_fraction=float("nan")), dict(shards=0), dict(workers=0), dict(max_voxels=0)):
+        with pytest.raises(ValueError) as info:
+            prepare_brats(str(root), str(out), **bad)
+        assert "\n" not in str(info.value), bad
+    assert main(["prepare", "brats", "--input", str(root), "--output", str(out), "--eval-fraction", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[0, 1)" in err[0]
+    assert os.listdir(tmp_path) == []
+
+
+def dead_partial(target):
+    """A ``.NAME.partial-HOST-PID-*`` folder beside ``target`` as a killed run leaves it (its process is gone)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    path = fileio.partial_name(str(target)).replace(f"-{os.getpid()}-", f"-{proc.pid}-", 1)
+    os.makedirs(os.path.join(path, "train"))
+    with open(os.path.join(path, "train", "data-00000-of-00001.tfrecord"), "wb") as f:
+        f.write(b"half")
+    return os.path.basename(path)
+
+
+def test_legacy_output_is_replaced_and_dead_runs_litter_cleaned(cases, tmp_path):
+    root, _ = cases
+    out = tmp_path / "records"
+    (out / "train").mkdir(parents=True)                     # an output of this command from before markers
+    (out / "train" / "data-00000-of-00002.tfrecord").write_bytes(b"")
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "task": "brats", "shards": 2}))
+    dead = dead_partial(out)
+    live = os.path.basename(fileio.staging_dir(str(out)))   # this process's: alive, so never touched
+    manifest = prepare_brats(str(root), str(out), eval_fraction=0.0, workers=1)
+    assert manifest["written"] == 3 and fileio.read_marker(str(out))["kind"] == KIND
+    assert sorted(os.listdir(tmp_path)) == sorted(["records", live]), dead
+
+
+def test_no_case_written_is_an_error_naming_the_reasons(cases, tmp_path, capsys):
+    root, _ = cases
+    out = tmp_path / "records"
+    # every case over the voxel limit (--max-voxels reaches the Beam workers): nothing to write
+    assert main(["prepare", "brats", "--input", str(root), "--output", str(out), "--workers", "1",
+                 "--max-voxels", "1000"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "no case written, all 4 discovered cases were rejected" in err[0], err
+    rejected = [line for line in captured.out.splitlines() if line.startswith("  rejected ")]
+    assert len(rejected) == 4 and all("above the limit of 1,000" in line for line in rejected)
+    assert os.listdir(tmp_path) == []                        # no output folder, no partial folder
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):

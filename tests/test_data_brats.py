@@ -375,6 +375,57 @@ def test_2023_label_3_is_enhancing(tmp_path):
     assert "[4]" in expect_error(path, brats.load_case, only_case(tmp_path))
 
 
+@pytest.mark.parametrize("ext,limit,expect", [(".nii", None, "file holds"),
+                                              (".nii.gz", None, "above the limit"),
+                                              (".nii.gz", 4_000_000_000, "stream holds")])
+def test_header_claiming_a_huge_volume_is_refused_before_reading(tmp_path, monkeypatch, ext, limit, expect):
+    """A ~100-byte file whose header declares 1200^3 voxels: one line naming the file and the declared shape, and no
+    gigabyte allocated on the way (it was 3.4 GB and 'truncated or corrupt file? (MemoryError: )')."""
+    import tracemalloc
+
+    folder, _, _ = write_case(tmp_path, "case", seg=False, missing=("t1", "t1ce", "t2"))
+    header = nib.Nifti1Header()
+    header.set_data_shape((1200, 1200, 1200))
+    header.set_data_dtype(np.int16)
+    blob = header.binaryblock + b"\0" * 4 + b"\1\0" * 8
+    path = folder / f"case_flair{ext}"
+    (folder / "case_flair.nii.gz").unlink()
+    if ext == ".nii":
+        path.write_bytes(blob)
+    else:
+        with gzip.open(path, "wb") as handle:
+            handle.write(blob)
+    if limit is not None:
+        monkeypatch.setenv(brats.MAX_VOXELS_ENV, str(limit))
+    tracemalloc.start()
+    try:
+        message = expect_error(path, brats.load_case, only_case(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "(1200, 1200, 1200)" in message and expect in message, message
+    assert peak < 64 << 20, peak
+
+
+def test_voxel_limit_argument_and_environment(tmp_path, monkeypatch):
+    folder, _, _ = write_case(tmp_path, "case")
+    voxels = int(np.prod(IJK))
+    assert brats.load_case(only_case(tmp_path), max_voxels=voxels).image.shape[:3] == IJK[::-1]
+    message = expect_error(folder / "case_flair.nii.gz", brats.load_case, only_case(tmp_path), max_voxels=voxels - 1)
+    assert str(IJK) in message and f"{voxels - 1:,}" in message and brats.MAX_VOXELS_ENV in message
+    monkeypatch.setenv(brats.MAX_VOXELS_ENV, str(voxels - 1))
+    expect_error(folder / "case_flair.nii.gz", brats.load_case, only_case(tmp_path))
+    assert brats.load_case(only_case(tmp_path), max_voxels=voxels).label.shape == IJK[::-1]   # the argument wins
+    monkeypatch.setenv(brats.MAX_VOXELS_ENV, "lots")
+    with pytest.raises(ValueError, match=brats.MAX_VOXELS_ENV):
+        brats.load_case(only_case(tmp_path))
+    monkeypatch.delenv(brats.MAX_VOXELS_ENV)
+    assert brats.max_voxels_limit() == brats.MAX_VOXELS == 512 ** 3
+    for bad in (0, -5, 2.5, "x"):
+        with pytest.raises(ValueError, match="max_voxels"):
+            brats.max_voxels_limit(bad)
+
+
 def test_require_label_without_seg_names_the_case(tmp_path):
     write_case(tmp_path, "Brats18_NoSeg", seg=False)
     files = only_case(tmp_path)

@@ -2,6 +2,7 @@
 import json
 import os
 import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ pytest.importorskip("nilearn")
 pytest.importorskip("scipy")
 nib = pytest.importorskip("nibabel")
 
+from shaspec_tf import fileio  # noqa: E402
+from shaspec_tf.cli import main  # noqa: E402
 from shaspec_tf.data import phantom  # noqa: E402
 from shaspec_tf.data.phantom import (  # noqa: E402
     DEFAULT_SHAPE, make_phantom_case, phantom_affine, phantom_case_seed, write_phantom_dataset)
@@ -168,7 +171,8 @@ def test_rejects_bad_arguments(tmp_path):
 
 def test_written_nifti_match_the_arrays(tmp_path):
     manifest = write_phantom_dataset(tmp_path, 2, seed=5, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["Phantom_0000", "Phantom_0001", "phantoms.json"]
+    assert sorted(os.listdir(tmp_path)) == [fileio.MARKER, "Phantom_0000", "Phantom_0001", "phantoms.json"]
+    assert fileio.read_marker(str(tmp_path))["files"] == fileio.list_files(str(tmp_path))   # ours, all listed
     volumes, labels, affine = make_phantom_case(phantom_case_seed(5, 1))
     case = tmp_path / "Phantom_0001"
     assert sorted(os.listdir(case)) == sorted(f"Phantom_0001_{s}.nii.gz" for s in BRATS + ("seg",))
@@ -238,7 +242,8 @@ def test_interrupted_write_leaves_no_half_case_and_resumes(tmp_path, monkeypatch
     monkeypatch.setattr(phantom, "_save_nifti", failing_save)
     with pytest.raises(RuntimeError, match="disk full"):
         write_phantom_dataset(tmp_path, 3, seed=2, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["Phantom_0000", "phantoms.json"]  # no half case, no temporary folder
+    # no half case, no temporary folder
+    assert sorted(os.listdir(tmp_path)) == [fileio.MARKER, "Phantom_0000", "phantoms.json"]
     assert [c["case_id"] for c in json.loads((tmp_path / "phantoms.json").read_text())["cases"]] == ["Phantom_0000"]
     first = tmp_path / "Phantom_0000" / "Phantom_0000_flair.nii.gz"
     stamp = first.stat().st_mtime_ns
@@ -246,8 +251,63 @@ def test_interrupted_write_leaves_no_half_case_and_resumes(tmp_path, monkeypatch
     monkeypatch.setattr(phantom, "_save_nifti", real_save)
     manifest = write_phantom_dataset(tmp_path, 3, seed=2, progress=False, skip_existing=True)
     assert first.stat().st_mtime_ns == stamp                                  # resumed, not rewritten
-    assert sorted(os.listdir(tmp_path)) == ["Phantom_0000", "Phantom_0001", "Phantom_0002", "phantoms.json"]
+    assert sorted(os.listdir(tmp_path)) == [fileio.MARKER, "Phantom_0000", "Phantom_0001", "Phantom_0002",
+                                            "phantoms.json"]
     assert len(os.listdir(tmp_path / "Phantom_0001")) == 5 and manifest["num_cases"] == 3
+
+
+SMALL = (16, 16, 16)
+
+
+def dead_partial(target):
+    """A ``.NAME.partial-HOST-PID-*`` folder beside ``target`` as a killed run leaves it (its process is gone)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    path = fileio.partial_name(str(target)).replace(f"-{os.getpid()}-", f"-{proc.pid}-", 1)
+    os.makedirs(path)
+    with open(os.path.join(path, "half.nii.gz"), "wb") as f:
+        f.write(b"half")
+    return os.path.basename(path)
+
+
+def test_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    user = tmp_path / "project"
+    (user / "src").mkdir(parents=True)
+    (user / "Phantom_0000").mkdir()
+    (user / "Phantom_0000" / "notes.txt").write_text("mine")
+    (user / "phantoms.json").write_text("{}")
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="refusing") as info:
+        write_phantom_dataset(user, 1, shape=SMALL, progress=False)
+    assert "\n" not in str(info.value)
+    assert (user / "Phantom_0000" / "notes.txt").read_text() == "mine"
+    assert (user / "phantoms.json").read_text() == "{}" and (user / "thesis.tex").read_text() == "precious"
+    assert sorted(os.listdir(user)) == ["Phantom_0000", "phantoms.json", "src", "thesis.tex"]
+    (tmp_path / "afile").write_text("x")
+    assert main(["prepare", "phantom", "--out", str(tmp_path / "afile"), "--cases", "1"]) == 2
+    assert (tmp_path / "afile").read_text() == "x"
+    assert main(["prepare", "phantom", "--out", str(tmp_path / "none"), "--cases", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a folder" in err[0] and "cases" in err[1]
+    assert not (tmp_path / "none").exists()
+
+
+def test_rewrites_its_own_and_legacy_data_sets_and_cleans_dead_partials(tmp_path):
+    out = tmp_path / "nifti"
+    write_phantom_dataset(out, 1, shape=SMALL, progress=False)
+    litter = dead_partial(out / "Phantom_0000")
+    write_phantom_dataset(out, 2, shape=SMALL, seed=1, progress=False)          # ours: rewritten, litter gone
+    assert sorted(os.listdir(out)) == [fileio.MARKER, "Phantom_0000", "Phantom_0001", "phantoms.json"], litter
+    os.remove(out / fileio.MARKER)                                             # as written before markers
+    write_phantom_dataset(out, [1], shape=SMALL, progress=False, skip_existing=True)
+    assert set(fileio.read_marker(str(out))["files"]) == set(fileio.list_files(str(out)))
+    (out / "Phantom_0000" / "notes.txt").write_text("mine")                    # now it holds a user's file
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        write_phantom_dataset(out, 1, shape=SMALL, progress=False)
+    os.remove(out / fileio.MARKER)
+    with pytest.raises(FileExistsError, match="refusing"):                     # nor is it a legacy data set
+        write_phantom_dataset(out, 1, shape=SMALL, progress=False)
+    assert (out / "Phantom_0000" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow

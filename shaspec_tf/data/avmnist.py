@@ -23,6 +23,7 @@ Output of :func:`build_avmnist` (``out_dir``)::
     test-00000-of-0000N.tfrecord ...    # test in sorted order (digit, speaker, index)
     manifest.json                       # counts, audio availability, parameters, sources, and mnist_rows:
                                         # {sample_id: row of the MNIST npz paired with that recording}
+    .shaspec-output.json                # ownership marker (shaspec_tf.fileio): kind "avmnist-records", files
 
 Sample ids are ``"{split}/{digit}_{speaker}_{index}"``, e.g. ``"train/3_theo_17"`` (the WAV's stem).
 
@@ -35,15 +36,16 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from shaspec_tf import fileio
 from shaspec_tf.data import schema
 
 # -- MFCC parameters (SMIL's librosa call with librosa's defaults) ----------------------------------------------------
@@ -59,6 +61,8 @@ AMIN = 1e-10
 
 DEFAULT_SPEAKERS = ("jackson", "nicolas", "theo")
 MANIFEST = "manifest.json"
+#: The ownership marker's kind (:mod:`shaspec_tf.fileio`) of a :func:`build_avmnist` output.
+KIND = "avmnist-records"
 WAV_PATTERN = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)\.wav$")
 DATA_HELP = ("get the data: FSDD with `git clone https://github.com/Jakobovski/free-spoken-digit-dataset` "
              "(its recordings/ folder) and MNIST from any source saved as an npz with `images` uint8 [N, 28, 28] "
@@ -301,6 +305,9 @@ def load_mnist(mnist_npz):
     path = Path(mnist_npz)
     if not path.is_file():
         raise FileNotFoundError(f"MNIST npz {path} does not exist; {DATA_HELP}")
+    if not zipfile.is_zipfile(path):  # an .npy, a pickle or text under an .npz name, or a cut-off download
+        raise ValueError(f"{path}: not an npz archive (a zip of .npy arrays: np.savez); a renamed .npy, another "
+                         f"format, or a truncated file?")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
@@ -308,8 +315,16 @@ def load_mnist(mnist_npz):
                 raise ValueError(f"{path}: expected arrays 'images' (uint8 [N, 28, 28]) and 'labels', "
                                  f"found {sorted(keys)}")
             images, labels = data["images"], data["labels"]
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable npz ({exc})") from None
+    except ValueError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable npz ({' '.join(str(exc).split())})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, MemoryError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{path}: not a readable npz, truncated or corrupt? ({type(exc).__name__}: {reason})"
+                         ) from None
+    if not isinstance(images, np.ndarray) or not isinstance(labels, np.ndarray):
+        raise ValueError(f"{path}: 'images' and 'labels' must be arrays")
     if images.ndim == 2 and images.shape[1] == 28 * 28:
         images = images.reshape(-1, 28, 28)
     if images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -345,21 +360,30 @@ def _shard_counts(shards, splits) -> dict:
     return counts
 
 
+def legacy_output(folder) -> bool:
+    """Whether ``folder`` (no ownership marker) is a :func:`build_avmnist` output written before markers existed: its
+    manifest is ours (``task`` avmnist, our ``schema_version``) and the folder holds nothing but that manifest and the
+    TFRecord files it lists."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("task") != "avmnist" or \
+            manifest.get("schema_version") != schema.SCHEMA_VERSION or not isinstance(manifest.get("splits"), dict):
+        return False
+    implied = {MANIFEST}
+    for split in manifest["splits"].values():
+        files = split.get("files") if isinstance(split, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            return False
+        implied.update(files)
+    return set(fileio.list_files(str(folder))) <= implied
+
+
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not an earlier AV-MNIST build (or empty)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    manifest = out_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("task") == "avmnist":
-                return
-        except (OSError, ValueError):
-            pass
-    if any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty and holds no AV-MNIST manifest.json: refusing to replace it")
+    """Refuse, with a one-line ``FileExistsError`` and touching nothing, an ``out_dir`` that is not absent, empty, or
+    an earlier AV-MNIST build (:func:`shaspec_tf.fileio.ensure_replaceable` with :func:`legacy_output`)."""
+    fileio.ensure_replaceable(str(out_dir), KIND, legacy=legacy_output)
 
 
 @dataclass(frozen=True)
@@ -372,6 +396,19 @@ class AvMnistJob:
     speaker: str
     image: bytes              # uint8 [28, 28], row-major
     has_audio: bool
+
+
+def _check_complete(fsdd_dir, split, indices, recordings, chosen, speakers) -> None:
+    """Every requested recording (each digit x speaker x index of ``split``) must exist: a missing one is an error
+    naming it, rather than a split smaller than its manifest's indices say."""
+    names = tuple(speakers) if speakers is not None else sorted({r.speaker for r in recordings})
+    have = {(r.digit, r.speaker, r.index) for r in chosen}
+    missing = [f"{d}_{s}_{i}.wav" for d in range(10) for s in names for i in indices if (d, s, i) not in have]
+    if missing:
+        total = 10 * len(names) * len(indices)
+        shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+        raise FileNotFoundError(f"{fsdd_dir}: {len(missing)} of the {total} requested {split} recordings are missing "
+                                f"({shown}); request {split} indices and speakers that exist")
 
 
 def plan_avmnist(mnist_npz=None, fsdd_dir=None, speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS,
@@ -410,6 +447,7 @@ def plan_avmnist(mnist_npz=None, fsdd_dir=None, speakers: Optional[Sequence[str]
             if not chosen:
                 raise FileNotFoundError(f"no WAVs for speakers {list(speakers or [])} with {split} indices "
                                         f"{indices[0]}..{indices[-1]} in {fsdd_dir}")
+            _check_complete(fsdd_dir, split, indices, recordings, chosen, speakers)
             selected[split] = chosen
         if not selected:
             raise ValueError("train_indices and test_indices are both empty")
@@ -505,8 +543,13 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
     audio; test samples keep both. ``shards``: files per split (an int, or ``{"train": 4, "test": 1}``); records go
     round-robin to the shards.
 
-    Everything is written to a hidden sibling folder and renamed into place at the end: a failure leaves an earlier
-    build untouched and no half-written output; a re-run replaces an earlier build (never a folder that is not one).
+    Everything is written to a hidden sibling folder (``.OUT.partial-HOST-PID-RANDOM``; those of killed runs are
+    removed by later ones) and renamed into place at the end: a failure leaves an earlier build untouched and no
+    half-written output. A re-run replaces an earlier build, which must prove it is one before any work starts: the
+    ownership marker of :mod:`shaspec_tf.fileio` (kind ``"avmnist-records"``) listing every file in it, or, for a
+    build from before markers, :func:`legacy_output`. Any other non-empty folder, or a file, is refused with a
+    one-line ``FileExistsError`` and left untouched. Every requested recording (digit x speaker x index) must exist:
+    a missing one is a one-line ``FileNotFoundError`` naming it, so the manifest's indices are the samples written.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -520,48 +563,30 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
     for job in tqdm(jobs, desc="AV-MNIST recordings", unit="wav", disable=not progress):
         examples[job.split].append((job.sample_id, avmnist_job_example(job)))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging = Path(fileio.staging_dir(str(out_dir)))   # hidden sibling; dead runs' leftovers go first
     try:
-        tmp.mkdir()
         for split, records in examples.items():
             if split == "train":
                 order = np.random.default_rng([int(seed), 10]).permutation(len(records))
                 records = [records[i] for i in order]
             files = manifest["splits"][split]["files"]
-            writers = [tf.io.TFRecordWriter(str(tmp / name)) for name in files]
+            writers = [tf.io.TFRecordWriter(str(staging / name)) for name in files]
             try:
                 for i, (_, serialized) in enumerate(records):
                     writers[i % len(writers)].write(serialized)
             finally:
                 for writer in writers:
                     writer.close()
-        _write_manifest(tmp, manifest)          # last: a folder without a manifest is never a complete build
-        _replace_dir(tmp, out_dir)
+        _write_manifest(staging, manifest)      # last: a folder without a manifest is never a complete build
+        fileio.replace_dir(str(staging), str(out_dir), KIND, legacy=legacy_output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fileio.remove_tree(str(staging))
         raise
     return manifest
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is moved aside first and deleted only afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- readers -----------------------------------------------------------------------------------------------------------
@@ -630,9 +655,18 @@ def sources_and_speakers(data_dir=None, mnist_npz=None, fsdd_dir=None, speakers:
 
 
 def parse_indices(text: str):
-    """"START:STOP" -> range(START, STOP); "a,b,c" -> [a, b, c] (recording indices)."""
-    start, _, stop = text.partition(":")
-    return range(int(start), int(stop)) if stop else [int(v) for v in text.split(",") if v]
+    """"START:STOP" -> range(START, STOP); "a,b,c" -> [a, b, c] (recording indices, >= 0); "" -> []. One-line
+    ``ValueError`` for anything else."""
+    start, colon, stop = text.partition(":")
+    try:
+        values = range(int(start), int(stop)) if colon else [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"recording indices must be START:STOP or a comma list of integers, got {text!r}") from None
+    if colon and int(stop) <= int(start):
+        raise ValueError(f"recording indices {text!r}: STOP must be greater than START")
+    if any(v < 0 for v in values):
+        raise ValueError(f"recording indices must be >= 0, got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:

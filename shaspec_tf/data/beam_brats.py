@@ -6,28 +6,58 @@
 Runs on Beam's DirectRunner with multi-processing by default; every other Beam option (``--runner DataflowRunner
 --project ... --region ... --temp_location gs://...``, Flink, Spark) passes through unchanged. The train/eval split is
 deterministic by case id (a hash, so adding cases never moves existing ones). A case that fails to load is recorded
-in the manifest with its reason and skipped, or fails the job with ``--strict``.
+in the manifest with its reason and skipped; with ``--strict`` any such case fails the run (every case is still
+checked, so that the error and the printed list name all the bad ones at once, and nothing is written).
 
-Output layout (written into a temporary sibling folder and renamed into place only when complete, so an interrupted
-run never leaves output that looks whole, and a re-run replaces the old output)::
+Output layout (written into a hidden sibling folder, ``.OUTPUT.partial-HOST-PID-RANDOM``, and renamed into place only
+when complete, so an interrupted run never leaves output that looks whole; the partial folders of killed runs are
+removed by later runs, see :func:`shaspec_tf.fileio.clean_stale`)::
 
     OUTPUT/train/data-00000-of-0000N.tfrecord     OUTPUT/eval/data-...      OUTPUT/manifest.json
+    OUTPUT/.shaspec-output.json                   (the ownership marker: kind "brats-records" and the files written)
+
+A re-run replaces an earlier output only when it proves to be one (:func:`shaspec_tf.fileio.ensure_replaceable`: our
+marker, of this kind, and no file the marker does not list; an output written before markers existed passes when its
+``manifest.json`` is ours and the folder holds nothing else than that manifest's shards). Anything else is refused
+before any work starts, and nothing is touched. A run that writes no case at all is an error, and so is a bad case
+with ``--strict``: both fail on one line and leave no output. NIfTI headers declaring more voxels than the files hold
+or than ``max_voxels`` allows are rejected before their data is read (see :mod:`shaspec_tf.data.brats`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
-import shutil
 import time
-import uuid
 from typing import Iterable, List, Optional, Sequence
 
+from shaspec_tf import fileio
 from shaspec_tf.data.schema import BRATS_MODALITIES, SCHEMA_VERSION
 
 SPLITS = ("train", "eval")
+#: The ownership marker's kind for a ``prepare brats`` output.
+KIND = "brats-records"
+MANIFEST = "manifest.json"
 log = logging.getLogger("shaspec.prepare")
+
+
+class RejectedCasesError(ValueError):
+    """No output because of rejected cases; ``rejected`` holds their ``{"case_id", "reason"}`` records."""
+
+    def __init__(self, message: str, rejected: Sequence[dict] = ()):
+        super().__init__(message)
+        self.rejected = list(rejected)
+
+
+class NoCaseWrittenError(RejectedCasesError):
+    """Every discovered case was rejected: nothing to write."""
+
+
+class StrictCaseError(RejectedCasesError):
+    """``strict=True`` and at least one case was rejected."""
 
 
 def split_of(case_id: str, eval_fraction: float) -> str:
@@ -39,9 +69,9 @@ def split_of(case_id: str, eval_fraction: float) -> str:
 class _ProcessCase:
     """Beam DoFn body: files -> (split, serialized example) or a rejection record."""
 
-    def __init__(self, eval_fraction, require_label, strict, crop_to_brain):
+    def __init__(self, eval_fraction, require_label, strict, crop_to_brain, max_voxels=None):
         self.eval_fraction, self.require_label = eval_fraction, require_label
-        self.strict, self.crop_to_brain = strict, crop_to_brain
+        self.strict, self.crop_to_brain, self.max_voxels = strict, crop_to_brain, max_voxels
 
     def __call__(self, files):
         import apache_beam as beam
@@ -51,7 +81,7 @@ class _ProcessCase:
 
         start = time.time()
         try:
-            record = preprocess(load_case(files, require_label=self.require_label),
+            record = preprocess(load_case(files, require_label=self.require_label, max_voxels=self.max_voxels),
                                 crop_to_brain=self.crop_to_brain)
             example = brats_example(record).SerializeToString()
         except Exception as error:  # one bad case is reported, not fatal, unless --strict
@@ -71,14 +101,18 @@ class _ProcessCase:
 
 def write_cases(p, cases, out: str, eval_fraction: float, shards: int, require_label: bool = True,
                 strict: bool = False, crop_to_brain: bool = True, split_dir: str = "{split}",
-                suffix: str = ".tfrecord") -> None:
+                suffix: str = ".tfrecord", max_voxels: Optional[int] = None) -> None:
     """Add the case processing to the Beam pipeline ``p``: each split's examples go to
     ``out/<split_dir>/data-*<suffix>`` (``".gz"``: GZIP), the per-case log to ``out/_meta`` (see
-    :func:`read_case_log`)."""
+    :func:`read_case_log`). ``max_voxels``: see :func:`shaspec_tf.data.brats.load_case` (resolved here, so that
+    workers do not depend on their own environment)."""
     import apache_beam as beam
 
+    from shaspec_tf.data.brats import max_voxels_limit
+
+    process = _ProcessCase(eval_fraction, require_label, strict, crop_to_brain, max_voxels_limit(max_voxels))
     results = (p | "Cases" >> beam.Create(cases)
-               | "Process" >> beam.ParDo(_ProcessCase(eval_fraction, require_label, strict, crop_to_brain))
+               | "Process" >> beam.ParDo(process)
                .with_outputs(*SPLITS, "meta", "rejected"))
     for split in SPLITS:
         _ = results[split] | f"Write{split}" >> beam.io.WriteToTFRecord(
@@ -125,33 +159,97 @@ def _read_lines(pattern: str) -> List[str]:
     return lines
 
 
+def check_options(eval_fraction: float, shards: int, workers: Optional[int] = None) -> None:
+    """One-line ``ValueError`` unless ``0 <= eval_fraction < 1``, ``shards >= 1`` and ``workers`` (if given)
+    ``>= 1``."""
+    try:
+        fraction = float(eval_fraction)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval fraction must be in [0, 1) (the share of cases held out for evaluation), got "
+                         f"{eval_fraction!r}")
+    for name, value in (("shards", shards), ("workers", workers)):
+        if value is None and name == "workers":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _read_json(path: str):
+    try:
+        if fileio.is_uri(path):
+            import tensorflow as tf
+
+            with tf.io.gfile.GFile(path) as f:
+                return json.loads(f.read())
+        with open(path) as f:
+            return json.load(f)
+    except Exception:  # noqa: BLE001 -- absent, unreadable or not JSON: not ours
+        return None
+
+
+def legacy_output(folder: str) -> bool:
+    """Whether ``folder`` (no ownership marker) is a ``prepare brats`` output written before markers existed: its
+    ``manifest.json`` is ours (``task`` brats, our ``schema_version``, an integer ``shards``) and the folder holds
+    nothing beyond that manifest and the shards it implies (``{train,eval}/data-0000i-of-0000N.tfrecord``)."""
+    folder = str(folder).rstrip("/")
+    manifest = _read_json(f"{folder}/{MANIFEST}")
+    if not isinstance(manifest, dict) or manifest.get("task") != "brats" or \
+            manifest.get("schema_version") != SCHEMA_VERSION:
+        return False
+    shards = manifest.get("shards")
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 100_000:
+        return False
+    implied = {MANIFEST} | {f"{split}/data-{i:05d}-of-{shards:05d}.tfrecord" for split in SPLITS
+                            for i in range(shards)}
+    return set(fileio.list_files(folder)) <= implied
+
+
 def prepare_brats(input_dir: str, output_dir: str, eval_fraction: float = 0.2, shards: int = 1,
                   require_label: bool = True, strict: bool = False, crop_to_brain: bool = True,
-                  beam_args: Iterable[str] = (), workers: Optional[int] = None) -> dict:
-    """Run the pipeline and return the manifest (also written to ``OUTPUT/manifest.json``)."""
+                  beam_args: Iterable[str] = (), workers: Optional[int] = None,
+                  max_voxels: Optional[int] = None) -> dict:
+    """Run the pipeline and return the manifest (also written to ``OUTPUT/manifest.json``).
+
+    Before any work: the options are checked (:func:`check_options`; ``max_voxels`` per volume, default
+    :func:`shaspec_tf.data.brats.max_voxels_limit`), and an existing ``output_dir`` must be an earlier output of
+    this command (see the module docstring) or empty. Errors, all one line, all leaving ``output_dir`` as it was and
+    no partial folder: :class:`StrictCaseError` (``strict`` and any case rejected), :class:`NoCaseWrittenError`
+    (every case rejected); their ``rejected`` lists every rejected case and why."""
     import apache_beam as beam
-    import tensorflow as tf
 
-    from shaspec_tf.data.brats import discover_cases
+    from shaspec_tf.data.brats import discover_cases, max_voxels_limit
 
+    check_options(eval_fraction, shards, workers)
+    eval_fraction, shards = float(eval_fraction), int(shards)
+    max_voxels = max_voxels_limit(max_voxels)
+    output_dir = str(output_dir).rstrip("/") or "/"
+    fileio.ensure_replaceable(output_dir, KIND, legacy=legacy_output)
     cases = discover_cases(input_dir)
     workers = workers or max(1, min(os.cpu_count() or 1, len(cases)))
-    output_dir = output_dir.rstrip("/")
-    staging = f"{os.path.dirname(output_dir) or '.'}/.{os.path.basename(output_dir)}.partial-{uuid.uuid4().hex[:8]}"
-    tf.io.gfile.makedirs(staging)
+    staging = fileio.staging_dir(output_dir)
     log.info("preparing %d BraTS cases from %s into %s", len(cases), input_dir, output_dir)
     start = time.time()
     try:
+        # strict is enforced below, not by failing the Beam job: a worker's exception comes back as a traceback of
+        # a few hundred lines (printed by the worker itself), retried on some runners, and names one case only.
         with beam.Pipeline(options=_pipeline_options(list(beam_args), workers)) as p:
-            write_cases(p, cases, staging, eval_fraction, shards, require_label, strict, crop_to_brain)
+            write_cases(p, cases, staging, eval_fraction, shards, require_label, strict=False,
+                        crop_to_brain=crop_to_brain, max_voxels=max_voxels)
         metas, rejected = read_case_log(staging)
         manifest = _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
-        with tf.io.gfile.GFile(f"{staging}/manifest.json", "w") as f:
-            f.write(json.dumps(manifest, indent=2))
-        _swap_into_place(staging, output_dir)
+        if not metas or (strict and rejected):
+            first = (manifest["rejected"] or [{"case_id": "?", "reason": "no record came back"}])[0]
+            what = (f"{len(rejected)} of {len(cases)} cases rejected with --strict" if strict and metas else
+                    f"no case written, all {len(cases)} discovered cases were rejected")
+            raise (StrictCaseError if strict else NoCaseWrittenError)(
+                f"{input_dir}: {what} (first: {first['case_id']}: {first['reason']}); nothing written to "
+                f"{output_dir}", manifest["rejected"])
+        fileio.atomic_write(f"{staging}/{MANIFEST}", json.dumps(manifest, indent=2))
+        fileio.replace_dir(staging, output_dir, KIND, legacy=legacy_output)
     except BaseException:
-        if tf.io.gfile.exists(staging):
-            tf.io.gfile.rmtree(staging)
+        fileio.remove_tree(staging)
         raise
     log.info("wrote %d cases (%d rejected) in %.1f s", len(metas), len(rejected), manifest["seconds"])
     return manifest
@@ -172,19 +270,3 @@ def _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, seconds)
             "modalities": list(BRATS_MODALITIES), "eval_fraction": eval_fraction, "shards": shards,
             "discovered": len(cases), "written": len(metas), "splits": per_split,
             "rejected": sorted(rejected, key=lambda r: r["case_id"]), "seconds": round(seconds, 2)}
-
-
-def _swap_into_place(staging: str, output_dir: str) -> None:
-    """Replace ``output_dir`` by the completed ``staging`` folder (old output removed only after the swap)."""
-    import tensorflow as tf
-
-    old = None
-    if tf.io.gfile.exists(output_dir):
-        if tf.io.gfile.listdir(output_dir) and not tf.io.gfile.exists(f"{output_dir}/manifest.json"):
-            raise FileExistsError(f"{output_dir} exists and is not an earlier 'shaspec prepare' output; "
-                                  f"refusing to replace it")
-        old = f"{staging}.old"
-        tf.io.gfile.rename(output_dir, old)
-    tf.io.gfile.rename(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else tf.io.gfile.rmtree(old)
