@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from shaspec_tf.data.files import compression_of, record_dataset, split_files
+from shaspec_tf.data.files import check_records, compression_of, record_dataset, split_files
 from shaspec_tf.data.input import avmnist_dataset, brats_dataset
 from shaspec_tf.data.schema import BratsRecord, avmnist_example, brats_example
 
@@ -70,3 +70,35 @@ def test_records_carry_the_summary_features_data_validation_checks():
     assert list(unlabelled["label_values"].bytes_list.value) == []
     a = avmnist_example("s", np.zeros((28, 28)), np.zeros((20, 20)), [1, 0], 7).features.feature
     assert [v.decode() for v in a["present_modalities"].bytes_list.value] == ["image"]
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+def test_check_records_counts_every_record_and_names_the_first_corrupt_one(tmp_path, gzip):
+    examples = [avmnist_example(f"s{i}", np.full((28, 28), i / 10), np.ones((20, 20)), [1, 1], i) for i in range(5)]
+    ext = "gz" if gzip else "tfrecord"
+    good = _write(tmp_path / f"a.{ext}", examples, gzip)
+    empty = _write(tmp_path / f"b.{ext}", [], gzip)
+    assert check_records([good, empty, good]) == 10 and check_records([empty]) == 0
+    if gzip:  # damage the records inside the compression
+        import gzip as gz
+
+        raw = gz.decompress(open(good, "rb").read())
+        size = len(raw) // 5
+        flipped = raw[:2 * size + size // 2] + bytes([raw[2 * size + size // 2] ^ 1]) + raw[2 * size + size // 2 + 1:]
+        (tmp_path / "flipped.gz").write_bytes(gz.compress(flipped))
+        (tmp_path / "truncated.gz").write_bytes(gz.compress(raw[:-7]))
+    else:
+        raw = open(good, "rb").read()
+        size = len(raw) // 5
+        (tmp_path / "flipped.tfrecord").write_bytes(
+            raw[:2 * size + size // 2] + bytes([raw[2 * size + size // 2] ^ 1]) + raw[2 * size + size // 2 + 1:])
+        (tmp_path / "truncated.tfrecord").write_bytes(raw[:-7])
+    flipped, truncated = str(tmp_path / f"flipped.{ext}"), str(tmp_path / f"truncated.{ext}")
+    with pytest.raises(ValueError) as error:
+        check_records([good, flipped])
+    assert str(error.value).startswith(f"{flipped}: corrupt TFRecord after 2 good records (DataLossError: corrupted")
+    assert "\n" not in str(error.value) and "function_node" not in str(error.value)
+    with pytest.raises(ValueError, match=r"truncated\.\w+: corrupt TFRecord after 4 good records \(DataLossError"):
+        check_records([good, empty, truncated])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        check_records([str(tmp_path / f"missing.{ext}")])

@@ -50,3 +50,42 @@ def record_dataset(files: Sequence[str], num_parallel_reads=None):
     files = sorted(str(f) for f in files)
     return tf.data.TFRecordDataset(files, compression_type=compression_of(files),
                                    num_parallel_reads=num_parallel_reads)
+
+
+def check_records(files: Sequence[str]) -> int:
+    """Read every record of every file (GZIP-decompressed when they are ``.gz``) and return how many there are; a
+    one-line ``ValueError`` ``"FILE: corrupt TFRecord after N good records (REASON)"`` on the first bad one (a
+    truncated file, a flipped bit: TFRecords carry CRCs), ``N`` counting that file's records."""
+    import tensorflow as tf
+
+    files = [str(f) for f in files]
+    compression = compression_of(files)
+    total = 0
+    for file in files:
+        dataset = tf.data.TFRecordDataset([file], compression_type=compression)
+        try:
+            total += int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+            continue
+        except tf.errors.NotFoundError as error:
+            raise FileNotFoundError(f"{file}: no such file ({_reason(error)})") from None
+        except tf.errors.OpError:
+            pass  # read it again record by record to say where it goes wrong
+        good = 0
+        try:
+            for _ in dataset:
+                good += 1
+        except tf.errors.OpError as error:
+            raise ValueError(f"{file}: corrupt TFRecord after {good} good records ({_reason(error)})") from None
+        total += good  # the failure did not recur (a transient read error)
+    return total
+
+
+def _reason(error) -> str:
+    """``TypeName: message``, the message's first line without TensorFlow's ``{{function_node ...}}`` and
+    ``[Op:...]`` wrapping."""
+    import re
+
+    text = (getattr(error, "message", None) or str(error)).strip()
+    text = text.splitlines()[0] if text else ""
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

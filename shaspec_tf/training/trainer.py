@@ -1,20 +1,29 @@
 """``shaspec train``: ShaSpec training on prepared TFRecords, with exact resume.
 
     shaspec train --task brats|avmnist --data DIR --out DIR [--preset P] [--steps N | --epochs N]
-                  [--regime non-dedicated|dedicated --subset flair+t1ce] [--audio-rate R]
+                  [--regime non-dedicated|dedicated --subset flair+t1ce] [--audio-rate R] [--deterministic]
 
-Output folder: ``model_config.json`` (the model's configuration), ``model.weights.h5`` (final weights),
-``checkpoints/`` (model + optimiser + step, written every ``--checkpoint-every`` steps; a re-run of the same command
-resumes from it and draws exactly the batches an uninterrupted run would have), ``tensorboard/``, ``history.json``
-and ``learning_curves.png``.
+Output folder (a run, marked by ``.shaspec-output.json`` of kind ``train-run`` holding the options that define it):
+``model_config.json`` (the model's configuration), ``train_config.json``, ``model.weights.h5`` (final weights),
+``checkpoints/`` (model, optimiser, step, history and every random state, written every ``--checkpoint-every`` steps,
+the newest two kept; see :mod:`shaspec_tf.training.checkpoint`), ``tensorboard/``, ``history.json`` and
+``learning_curves.png``. Every file is written aside and renamed into place.
+
+A re-run of the same command resumes from the newest readable checkpoint and draws exactly the batches, dropout masks
+and updates an uninterrupted run would have (bit-identical with ``--deterministic``, which turns on TensorFlow's
+deterministic ops); a finished run is reported as complete. A folder holding a run with other options, or anything
+that is not a run, is refused with a one-line error naming why.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
+
+RUN_KIND = "train-run"
 
 TASK_DEFAULTS = {
     # BraTS: the official random modality dropout; AV-MNIST: only the missingness the data carries (the paper's
@@ -24,6 +33,17 @@ TASK_DEFAULTS = {
     "avmnist": dict(preset="avmnist", batch_size=32, learning_rate=1e-3, optimizer="adam", weight_decay=1e-2,
                     drop_rate=0.0),
 }
+
+# The options that define what a run computes: a re-run into the same folder resumes only when these are equal
+# (``out``, ``jit_compile``, ``run_eagerly``, ``strategy`` and ``deterministic`` say how it runs, not what).
+RUN_DEFINING = ("task", "data", "preset", "variant", "model_options", "steps", "epochs", "checkpoint_every",
+                "batch_size", "crop_size", "regime", "subset", "warmup_steps", "ramp_steps", "drop_rate",
+                "learning_rate", "schedule", "optimizer", "weight_decay", "mixed_precision", "audio_rate", "seed")
+
+POLICIES = {"off": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+CHOICES = {"variant": ("shaspec", "baseline"), "regime": ("non-dedicated", "dedicated"),
+           "schedule": ("poly", "cosine", "constant"), "optimizer": ("sgd", "adam"),
+           "mixed_precision": tuple(POLICIES), "strategy": ("default", "mirrored", "multi_worker")}
 
 
 @dataclass
@@ -54,8 +74,10 @@ class TrainConfig:
     audio_rate: Optional[float] = None
     seed: int = 0
     model_options: dict = field(default_factory=dict)
+    deterministic: bool = False     # tf.config.experimental.enable_op_determinism() (bf16: no oneDNN, if unset)
 
     def resolved(self) -> "TrainConfig":
+        """The configuration with the task's defaults filled in; a one-line ``ValueError`` for any bad value."""
         if self.task not in TASK_DEFAULTS:
             raise ValueError(f"unknown task {self.task!r}: expected brats or avmnist")
         values = asdict(self)
@@ -64,11 +86,58 @@ class TrainConfig:
                 values[key] = value
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps or epochs")
-        if self.regime not in ("non-dedicated", "dedicated"):
-            raise ValueError(f"unknown regime {self.regime!r}: expected non-dedicated or dedicated")
+        for key, choices in CHOICES.items():
+            if values[key] not in choices:
+                raise ValueError(f"unknown {key.replace('_', ' ')} {values[key]!r}: expected one of "
+                                 f"{', '.join(choices)}")
+        for key, minimum in (("steps", 1), ("epochs", 1), ("checkpoint_every", 1), ("batch_size", 1),
+                             ("warmup_steps", 0), ("ramp_steps", 0), ("seed", 0)):
+            value = values[key]
+            if value is None and key in ("steps", "epochs"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{key.replace('_', ' ')} must be an integer >= {minimum}, got {value!r}")
+        if values["seed"] >= 2 ** 32:
+            raise ValueError(f"seed must be below 2**32, got {values['seed']}")
+        for key, low, high, open_low in (("drop_rate", 0.0, 1.0, False), ("audio_rate", 0.0, 1.0, False),
+                                         ("learning_rate", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf,
+                                                                                  False)):
+            value = values[key]
+            if value is None and key == "audio_rate":
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                low < value if open_low else low <= value) and value <= high
+            if not ok:
+                bounds = f"in ({low:g}, {high:g}]" if open_low and high < math.inf else \
+                    f"> {low:g}" if open_low else f"in [{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+                raise ValueError(f"{key.replace('_', ' ')} must be a finite number {bounds}, got {value!r}")
+        crop = values["crop_size"]
+        if crop is not None:
+            crop = tuple(crop) if isinstance(crop, (list, tuple)) else crop
+            if not isinstance(crop, tuple) or len(crop) != 3 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop):
+                raise ValueError(f"crop size must be three positive integers D,H,W, got {values['crop_size']!r}")
+            values["crop_size"] = crop
+        if not isinstance(values["model_options"], dict):
+            raise ValueError(f"model options must be a mapping, got {type(values['model_options']).__name__}")
         if self.regime == "dedicated" and not self.subset:
             raise ValueError("dedicated training needs --subset (the modalities available, e.g. flair+t1ce)")
         return TrainConfig(**values)
+
+
+def run_options(config) -> dict:
+    """The run-defining options of a resolved config (a :class:`TrainConfig` or the dict of a ``train_config.json``),
+    as JSON values (a local ``data`` path made absolute)."""
+    values = asdict(config) if isinstance(config, TrainConfig) else dict(config)
+    options = {key: values.get(key) for key in RUN_DEFINING}
+    data = str(options["data"])
+    options["data"] = data if "://" in data else os.path.abspath(data)
+    return json.loads(json.dumps(options, default=list))
+
+
+def _differences(saved: dict, here: dict) -> list:
+    return [f"{key} {saved.get(key)!r} there, {here.get(key)!r} here"
+            for key in sorted(set(saved) | set(here)) if saved.get(key) != here.get(key)]
 
 
 def _subset_mask(subset: str, modalities) -> list:
@@ -85,10 +154,48 @@ def _records(data: str, task: str, split: str) -> list:
     return split_files(data, split, task)
 
 
-def _count_records(files) -> int:
-    from shaspec_tf.data.files import record_dataset
+def _no_records(data: str, files) -> ValueError:
+    return ValueError(f"the train split of {data} has no records ({len(files)} file(s), e.g. {files[0]}): run "
+                      f"'shaspec prepare' again")
 
-    return sum(1 for _ in record_dataset(files))
+
+def _count_records(data: str, files) -> int:
+    """Every record of ``files`` read (a corrupt one is a one-line error naming its file and index)."""
+    from shaspec_tf.data.files import check_records
+
+    count = check_records(files)
+    if not count:
+        raise _no_records(data, files)
+    return count
+
+
+def _require_a_record(data: str, files) -> None:
+    """At least one record in the split (a BraTS split can be large: only the first record is read)."""
+    from shaspec_tf.data.files import check_records, record_dataset
+
+    try:
+        found = any(True for _ in record_dataset(files).take(1))
+    except Exception as error:  # noqa: BLE001  tf.errors.DataLossError and kin: name the file
+        if type(error).__name__ in _DATA_ERRORS:
+            check_records(files)
+        raise
+    if not found:
+        raise _no_records(data, files)
+
+
+_DATA_ERRORS = ("DataLossError", "InvalidArgumentError")
+
+
+def _data_error(files, error) -> ValueError:
+    """A one-line error for a failure while reading the records: the corrupt file and record when it is one."""
+    from shaspec_tf.data.files import check_records
+
+    try:
+        check_records(files)
+    except ValueError as found:
+        return found
+    text = str(error).strip().splitlines()
+    return ValueError(f"reading the training records failed ({type(error).__name__}: {text[0] if text else ''})")
 
 
 def _strategy(name: str):
@@ -103,91 +210,175 @@ def _strategy(name: str):
     raise ValueError(f"unknown strategy {name!r}: expected default, mirrored or multi_worker")
 
 
-def _check_output_folder(out: str, model_config: dict) -> Optional[int]:
-    """The step to resume from (``None`` for a fresh start); refuses a folder that belongs to another model and a
-    corrupt checkpoint, rather than silently starting afresh."""
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]})") from error
+
+
+def _inspect_output_folder(out: str, options: dict) -> dict:
+    """What ``out`` is, read-only: ``{"state": "fresh" | "run" | "legacy" | "complete", "marker": ...}``. Refuses
+    (one-line ``ValueError`` / ``FileExistsError``) a folder that is not a training run, or a run with other
+    run-defining options, naming them."""
+    from shaspec_tf import fileio
+    from shaspec_tf.training.checkpoint import clean_partials
+
+    if not os.path.lexists(out):
+        return {"state": "fresh"}
+    if not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
+    clean_partials(out)  # only the partial files of dead processes (ours by their names)
+    if not os.listdir(out):
+        return {"state": "fresh"}
+    marker = fileio.read_marker(out)
+    if marker is None:
+        legacy = [os.path.join(out, name) for name in ("model_config.json", "train_config.json")]
+        if not all(os.path.isfile(path) for path in legacy):
+            raise FileExistsError(f"{out} is not empty and is not a shaspec training run (no {fileio.MARKER}); "
+                                  f"choose another --out or empty that folder")
+        saved = run_options(_read_json(legacy[1]))
+        state = "legacy"
+    else:
+        if marker.get("kind") != RUN_KIND:
+            raise FileExistsError(f"{out} holds a shaspec {marker.get('kind')!r} output, not a training run; choose "
+                                  f"another --out")
+        saved = marker.get("run") or {}
+        state = "complete" if marker.get("state") == "complete" and os.path.isfile(
+            os.path.join(out, "model.weights.h5")) else "run"
+    differing = _differences(saved, options)
+    if differing:
+        raise ValueError(f"{out} holds a training run with other options ({'; '.join(differing)}); use another --out, "
+                         f"or the same options to resume it")
+    return {"state": state, "marker": marker}
+
+
+def _check_model_config(out: str, model_config: dict) -> None:
     saved_path = os.path.join(out, "model_config.json")
     if not os.path.exists(saved_path):
-        return None
-    with open(saved_path) as f:
-        saved = json.load(f)
+        return
+    saved = _read_json(saved_path)
     if json.loads(json.dumps(model_config)) != saved:
         differing = sorted(k for k in set(saved) | set(model_config)
                            if json.dumps(saved.get(k)) != json.dumps(model_config.get(k)))
         raise ValueError(f"{out} holds a different model (preset {saved.get('preset')!r}, differing options "
                          f"{differing}); use another --out or the same model options")
-    meta = os.path.join(out, "checkpoints", "training_metadata.json")
-    weights = os.path.join(out, "checkpoints", "latest.weights.h5")
-    if not os.path.exists(meta):
-        return None
-    try:
-        import h5py
-
-        with open(meta) as f:
-            epoch = int(json.load(f)["epoch"])
-        with h5py.File(weights, "r"):
-            pass
-    except Exception as error:
-        raise ValueError(f"checkpoint in {out}/checkpoints is unreadable ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}); delete that folder to start "
-                         f"afresh") from error
-    return epoch
 
 
-POLICIES = {"off": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+def _notice(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def train(config: TrainConfig, callbacks=()) -> dict:
-    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step"}``. The mixed-precision
-    policy applies for the duration of the call and is restored afterwards."""
+    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step", "complete"}`` (``complete``:
+    the run had already finished, and nothing was trained). The mixed-precision policy applies for the duration of
+    the call and is restored afterwards."""
+    c = config.resolved()
+    if c.deterministic and c.mixed_precision == "bf16" and "tensorflow" not in sys.modules:
+        # oneDNN's bf16 CPU kernels are not reproducible (TF 2.16; see the README). Its float32 ones were in every
+        # resume checked, and without oneDNN a 3D training step on a CPU is 8 (eager) to 50 (graph) times slower.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    options = run_options(c)
+    found = _inspect_output_folder(c.out, options)
+    if found["state"] == "complete":
+        history_path = os.path.join(c.out, "history.json")
+        history = _read_json(history_path) if os.path.exists(history_path) else {}
+        steps = int(found["marker"].get("steps", 0))
+        _notice(f"shaspec train: {c.out} is a finished run of these options ({steps} steps); nothing to do")
+        return {"history": history, "steps": steps, "out": c.out, "resumed_from_step": steps, "complete": True}
+
     import keras
 
-    c = config.resolved()
-    if c.mixed_precision not in POLICIES:
-        raise ValueError(f"unknown mixed precision {c.mixed_precision!r}: expected one of {sorted(POLICIES)}")
     previous = keras.mixed_precision.global_policy()
     if POLICIES[c.mixed_precision]:
         keras.mixed_precision.set_global_policy(POLICIES[c.mixed_precision])
     try:
-        return _train(c, callbacks)
+        return _train(c, found, options, callbacks)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _train(c: TrainConfig, callbacks) -> dict:
+def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
     import keras
+    import tensorflow as tf
 
     import shaspec_tf
+    from shaspec_tf import fileio
     from shaspec_tf.data.input import ModalityDropout, avmnist_dataset, brats_dataset
+    from shaspec_tf.training import checkpoint
     from shaspec_tf.training.schedules import make_optimizer, make_schedule
 
+    if c.deterministic:
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(c.seed)
+    # -- everything about the input is checked before the folder is touched ----------------------------------------
     train_files = _records(c.data, c.task, "train")
     build = shaspec_tf.build_segmenter if c.task == "brats" else shaspec_tf.build_classifier
-    probe = build(c.preset, variant=c.variant, **c.model_options)
-    model_config, modalities = dict(probe.shaspec_config), probe.modalities
-    del probe
+    strategy = _strategy(c.strategy)
+    with strategy.scope():
+        model = build(c.preset, variant=c.variant, **c.model_options)
+    model_config, modalities = dict(model.shaspec_config), model.modalities
+    subset = _subset_mask(c.subset, modalities) if c.regime == "dedicated" else None
     if c.task == "brats":
+        _require_a_record(c.data, train_files)
         crop = tuple(c.crop_size or model_config["crop_size"])
         steps_per_epoch = min(c.checkpoint_every, c.steps) if c.steps else c.checkpoint_every
         total = c.steps if c.steps else c.epochs * steps_per_epoch
     else:
-        per_epoch = math.ceil(_count_records(train_files) / c.batch_size)
+        per_epoch = math.ceil(_count_records(c.data, train_files) / c.batch_size)
         total = c.steps if c.steps else c.epochs * per_epoch
         steps_per_epoch = min(c.checkpoint_every, per_epoch, total)
     epochs = math.ceil(total / steps_per_epoch)
     total = epochs * steps_per_epoch
+    marker = found.get("marker") or {}
+    if marker.get("steps_per_epoch") not in (None, steps_per_epoch) or marker.get("steps") not in (None, total):
+        raise ValueError(f"{c.out} holds a run of {marker.get('steps')} steps in checkpoints of "
+                         f"{marker.get('steps_per_epoch')}, these options now make {total} in checkpoints of "
+                         f"{steps_per_epoch} (did the data change?); use another --out")
+    if found["state"] != "fresh":
+        _check_model_config(c.out, model_config)
 
+    # -- the run folder ---------------------------------------------------------------------------------------------
     os.makedirs(c.out, exist_ok=True)
-    start_epoch = _check_output_folder(c.out, model_config) or 0
-    with open(os.path.join(c.out, "model_config.json"), "w") as f:
-        json.dump(model_config, f, indent=2, sort_keys=True)
-    with open(os.path.join(c.out, "train_config.json"), "w") as f:
-        json.dump(asdict(c), f, indent=2, default=list)
+    checkpoints = os.path.join(c.out, "checkpoints")
+    run_marker = dict(run=options, state="running", steps=total, steps_per_epoch=steps_per_epoch)
+    if found["state"] != "run" or marker.get("state") != "running":
+        fileio.write_marker(c.out, RUN_KIND, files=fileio.list_files(c.out), **run_marker)
+    checkpoint.clean_partials(c.out)
+    checkpoint.clean_partials(checkpoints)
+    if found["state"] == "fresh" or not os.path.exists(os.path.join(c.out, "train_config.json")):
+        fileio.atomic_write(os.path.join(c.out, "model_config.json"),
+                            json.dumps(model_config, indent=2, sort_keys=True) + "\n")
+        fileio.atomic_write(os.path.join(c.out, "train_config.json"),
+                            json.dumps(asdict(c), indent=2, default=list) + "\n")
 
-    subset = _subset_mask(c.subset, modalities) if c.regime == "dedicated" else None
-    dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset)
+    with strategy.scope():
+        optimizer = make_optimizer(c.optimizer, make_schedule(c.schedule, c.learning_rate, total), c.weight_decay)
+        model.compile(optimizer=optimizer, jit_compile=c.jit_compile, run_eagerly=c.run_eagerly)
+        model.optimizer.build(model.trainable_variables)  # its variables exist before a checkpoint is restored
+
+        def accept(meta):
+            if meta.get("run") != options or meta.get("steps_per_epoch") != steps_per_epoch or \
+                    meta["step"] % steps_per_epoch or not 0 < meta["step"] <= total:
+                raise ValueError(f"checkpoint of step {meta.get('step')} belongs to another run")
+
+        meta = checkpoint.restore_latest(checkpoints, model, accept, notice=_notice)
+        history = {}
+        if meta is not None:
+            start_epoch, history = meta["epoch"], meta.get("history", {})
+        elif checkpoint.has_legacy(checkpoints):
+            start_epoch = checkpoint.restore_legacy(checkpoints, model, notice=_notice)
+            if not 0 <= start_epoch <= epochs:
+                raise ValueError(f"the old-format checkpoint in {checkpoints} is at epoch {start_epoch} of {epochs}")
+            history_path = os.path.join(c.out, "history.json")
+            if os.path.exists(history_path):
+                history = {k: v[:start_epoch] for k, v in _read_json(history_path).items()}
+        else:
+            start_epoch = 0
     start_step = start_epoch * steps_per_epoch
+
+    dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset)
     if c.task == "brats":
         data = brats_dataset(train_files, batch_size=c.batch_size, crop_size=crop, seed=c.seed, dropout=dropout,
                              start_step=start_step)
@@ -196,47 +387,25 @@ def _train(c: TrainConfig, callbacks) -> dict:
                                dropout=dropout if (subset or c.drop_rate > 0) else None)
         data = data.repeat().skip(start_step)
 
-    with _strategy(c.strategy).scope():
-        model = build(c.preset, variant=c.variant, **c.model_options)
-        optimizer = make_optimizer(c.optimizer, make_schedule(c.schedule, c.learning_rate, total), c.weight_decay)
-        model.compile(optimizer=optimizer, jit_compile=c.jit_compile, run_eagerly=c.run_eagerly)
-
-    checkpoints = os.path.join(c.out, "checkpoints")
-    history = _history_writer(os.path.join(c.out, "history.json"), start_epoch)
-    all_callbacks = [
-        keras.callbacks.BackupAndRestore(checkpoints, save_freq="epoch", delete_checkpoint=False),
-        history,
-        keras.callbacks.TensorBoard(os.path.join(c.out, "tensorboard"), update_freq="epoch"),
-        *callbacks,
-    ]
-    model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=all_callbacks,
-              verbose=1 if os.isatty(1) else 2)
-    model.save_weights(os.path.join(c.out, "model.weights.h5"))
-    _plot_learning_curves(history.history, steps_per_epoch, os.path.join(c.out, "learning_curves.png"))
-    return {"history": history.history, "steps": total, "out": c.out, "resumed_from_step": start_step}
-
-
-def _history_writer(path: str, start_epoch: int):
-    """A callback that keeps ``history.json`` current after every epoch, so an interrupted run's curve survives its
-    resume (entries past ``start_epoch`` are dropped first)."""
-    import keras
-
-    class HistoryWriter(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            previous = {}
-            if start_epoch and os.path.exists(path):
-                with open(path) as f:
-                    previous = json.load(f)
-            self.history = {k: v[:start_epoch] for k, v in previous.items()}
-
-        def on_epoch_end(self, epoch, logs=None):
-            for key, value in (logs or {}).items():
-                self.history.setdefault(key, []).append(float(value))
-            with open(path + ".tmp", "w") as f:
-                json.dump(self.history, f, indent=2)
-            os.replace(path + ".tmp", path)
-
-    return HistoryWriter()
+    saver = checkpoint.make_callback(checkpoints, os.path.join(c.out, "history.json"), steps_per_epoch,
+                                     dict(run=options, steps_per_epoch=steps_per_epoch, total_steps=total), history)
+    all_callbacks = [saver, keras.callbacks.TensorBoard(os.path.join(c.out, "tensorboard"), update_freq="epoch"),
+                     *callbacks]
+    try:
+        model.fit(data, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
+                  callbacks=all_callbacks, verbose=1 if os.isatty(1) else 2)
+    except tf.errors.OpError as error:
+        if type(error).__name__ not in _DATA_ERRORS or (type(error).__name__ == "InvalidArgumentError" and
+                                                        "IteratorGetNext" not in str(error)):
+            raise
+        raise _data_error(train_files, error) from None
+    with fileio.atomic_path(os.path.join(c.out, "model.weights.h5"), suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+    fileio.atomic_write(os.path.join(c.out, "history.json"), json.dumps(saver.history, indent=2) + "\n")
+    _plot_learning_curves(saver.history, steps_per_epoch, os.path.join(c.out, "learning_curves.png"))
+    fileio.write_marker(c.out, RUN_KIND, **dict(run_marker, state="complete"))
+    return {"history": saver.history, "steps": total, "out": c.out, "resumed_from_step": start_step,
+            "complete": False}
 
 
 def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> None:
@@ -245,8 +414,10 @@ def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from shaspec_tf import fileio
+
     keys = [k for k in ("loss", "task_loss", "alignment_loss", "domain_loss") if history.get(k)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         steps = [(i + 1) * steps_per_epoch for i in range(len(history[key]))]
         ax.plot(steps, history[key], marker="o")
@@ -254,5 +425,6 @@ def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> Non
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with fileio.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
