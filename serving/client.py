@@ -210,14 +210,16 @@ def segment_volume(client, model_name: str, image, modality_mask, version: Optio
 
 def predict_nifti_remote(server: str, model_name: str, paths: Dict[str, Optional[str]], out_path: str,
                          protocol: str = "grpc", version: Optional[int] = None, postprocess: bool = False,
-                         timeout: float = 600.0) -> dict:
+                         timeout: float = 600.0, overwrite: bool = False) -> dict:
     """``shaspec predict --server``: read and preprocess the given sequences as
     :func:`shaspec_tf.workflows.predict_nifti` does, segment the brain crop on the server (``segment_volume``),
-    and write BraTS labels as NIfTI with the input's affine (atomically)."""
-    from shaspec_tf.workflows import nifti_inputs, read_nifti_case, write_nifti_labels
+    and write BraTS labels as NIfTI with the input's affine (atomically). An ``out_path`` that is one of the inputs
+    or a folder is refused before any work."""
+    from shaspec_tf.workflows import check_nifti_output, nifti_inputs, read_nifti_case, write_nifti_labels
 
     given = nifti_inputs(paths)
+    check_nifti_output(given, out_path, overwrite)  # before any reading or request
     record = read_nifti_case(given, out_path)
     with make_client(server, protocol, timeout) as client:
         labels = segment_volume(client, model_name, record.image, record.modality_mask.astype(np.float32), version)
-    return write_nifti_labels(labels, record, given, out_path, postprocess)
+    return write_nifti_labels(labels, record, given, out_path, postprocess, overwrite)

@@ -7,16 +7,21 @@
     shaspec prepare avmnist --out DIR [--mnist NPZ --fsdd DIR]      AV-MNIST (SMIL protocol) -> TFRecords
     shaspec train --task brats|avmnist --data DIR --out DIR [--steps N | --epochs N]   train, resumable
     shaspec evaluate --model DIR [--model DIR ...] --data DIR --out DIR   every modality subset, reports + heat-map
-    shaspec predict --model DIR --flair F [--t1 F] [--t1ce F] [--t2 F] --out seg.nii.gz
+    shaspec predict --model DIR --flair F [--t1 F] [--t1ce F] [--t2 F] --out seg.nii.gz [--overwrite]
     shaspec predict --server HOST:PORT --model-name NAME [--protocol grpc|rest] --flair F ... --out seg.nii.gz
     shaspec export --model DIR --out BASE --name NAME [--version V]   SavedModel for TF Serving in BASE/NAME/V
-    shaspec serve --model-base BASE [--grpc-port 8500] [--rest-port 8501]   local TF-Serving-compatible server
+    shaspec serve --model-base BASE [--grpc-port 8500] [--rest-port 8501] [--host 127.0.0.1]
+                  [--max-request-bytes 1GiB] [--read-timeout 30]   local TF-Serving-compatible server (loopback)
+
+Bad input is one line on stderr and exit status 2 (``SHASPEC_TRACEBACK=1`` shows the traceback as well); outputs
+that are not provably ours are refused (see the README's "Safety and limits").
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -26,16 +31,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.api_core")
 
 
+DEMO_KIND = "demo-run"  # the fileio marker kind of a 'shaspec demo' output folder
+
+
 def _demo(args) -> int:
     import keras
     import numpy as np
 
     import shaspec_tf
+    from shaspec_tf import fileio
     from shaspec_tf.data.masks import all_subsets, random_modality_masks
     from shaspec_tf.data.toy import toy_batch
     from shaspec_tf.metrics import region_dice
 
     shape = tuple(int(v) for v in args.shape.split(","))
+    fileio.ensure_replaceable(args.out, DEMO_KIND)  # a user's folder is refused before any training
     keras.utils.set_random_seed(args.seed)
     model = shaspec_tf.build_segmenter(args.preset)
     modalities = model.modalities
@@ -73,12 +83,17 @@ def _demo(args) -> int:
         table[name] = region_dice(logits, regions)
         print(f"  {name:<20} " + " / ".join(f"{table[name][r]:.3f}" for r in ("ET", "WT", "TC")))
 
-    os.makedirs(args.out, exist_ok=True)
-    model.save_weights(os.path.join(args.out, "model.weights.h5"))
-    with open(os.path.join(args.out, "model_config.json"), "w") as f:
-        f.write(model.config_json())
-    with open(os.path.join(args.out, "demo.json"), "w") as f:
-        json.dump({"losses": losses, "seconds": seconds, "dice": table}, f, indent=2)
+    staging = fileio.staging_dir(args.out)  # built aside, then moved onto --out as one marked folder
+    try:
+        model.save_weights(os.path.join(staging, "model.weights.h5"))
+        with open(os.path.join(staging, "model_config.json"), "w") as f:
+            f.write(model.config_json())
+        with open(os.path.join(staging, "demo.json"), "w") as f:
+            json.dump({"losses": losses, "seconds": seconds, "dice": table}, f, indent=2)
+        fileio.replace_dir(staging, args.out, DEMO_KIND)
+    except BaseException:
+        fileio.remove_tree(staging)
+        raise
     print(f"weights, config and figures written to {os.path.abspath(args.out)}")
     return 0
 
@@ -95,13 +110,15 @@ def _info(args) -> int:
 
 def _quiet_beam_logs() -> None:
     """Beam at WARNING, except our per-case progress lines, which multi-processing workers forward through the
-    local job service wrapped in a proto dump: keep those, unwrapped."""
+    local job service wrapped in a proto dump: keep those, unwrapped. The log goes to stdout, beside the summary it
+    leads to, so that stderr holds nothing but the one-line error of a failed run."""
     import logging
     import re
 
     # Beam's worker processes import TensorFlow afresh; keep google-api-core's Python-version notice out of them too.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
     for name in ("apache_beam", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
     message = re.compile(r'message: "([^"]*)"')
@@ -123,19 +140,27 @@ def _quiet_beam_logs() -> None:
 def _prepare_phantom(args, extra) -> int:
     from shaspec_tf.data.phantom import write_phantom_dataset
 
-    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    try:
+        shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    except ValueError:
+        raise ValueError(f"--shape must be three integers D,H,W, got {args.shape!r}") from None
     write_phantom_dataset(args.out, args.cases, shape=shape, seed=args.seed, drop_rate=args.drop_rate)
     print(f"wrote {args.cases} phantom cases to {os.path.abspath(args.out)} (details: phantoms.json)")
     return 0
 
 
 def _prepare_brats(args, extra) -> int:
-    from shaspec_tf.data.beam_brats import prepare_brats
+    from shaspec_tf.data.beam_brats import RejectedCasesError, prepare_brats
 
     _quiet_beam_logs()
-    manifest = prepare_brats(args.input, args.output, eval_fraction=args.eval_fraction, shards=args.shards,
-                             require_label=not args.unlabelled, strict=args.strict,
-                             crop_to_brain=not args.no_crop, beam_args=extra, workers=args.workers)
+    try:
+        manifest = prepare_brats(args.input, args.output, eval_fraction=args.eval_fraction, shards=args.shards,
+                                 require_label=not args.unlabelled, strict=args.strict,
+                                 crop_to_brain=not args.no_crop, beam_args=extra, workers=args.workers,
+                                 max_voxels=args.max_voxels)
+    except RejectedCasesError as error:  # the reasons on stdout; the error itself is main's one line on stderr
+        print("".join(f"  rejected {r['case_id']}: {r['reason']}\n" for r in error.rejected), end="")
+        raise
     splits = ", ".join(f"{name} {info['cases']}" for name, info in manifest["splits"].items())
     print(f"wrote {manifest['written']} of {manifest['discovered']} cases ({splits}) to "
           f"{os.path.abspath(args.output)} in {manifest['seconds']:.1f} s; rejected {len(manifest['rejected'])}"
@@ -159,39 +184,54 @@ def _prepare_avmnist(args, extra) -> int:
 def _train(args, extra) -> int:
     from shaspec_tf.training.trainer import TrainConfig, train
 
+    crop = None
+    if args.crop:
+        try:
+            crop = tuple(int(v) for v in args.crop.split(","))
+        except ValueError:
+            raise ValueError(f"--crop must be three integers D,H,W, got {args.crop!r}") from None
     config = TrainConfig(
         task=args.task, data=args.data, out=args.out, preset=args.preset, variant=args.variant, steps=args.steps,
         epochs=args.epochs, checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-        crop_size=tuple(int(v) for v in args.crop.split(",")) if args.crop else None, regime=args.regime,
+        crop_size=crop, regime=args.regime,
         subset=args.subset, warmup_steps=args.warmup_steps, ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
         learning_rate=args.lr, schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay,
         mixed_precision=args.mixed_precision, jit_compile=args.xla, run_eagerly=args.eager, strategy=args.strategy,
-        audio_rate=args.audio_rate, seed=args.seed)
+        audio_rate=args.audio_rate, seed=args.seed, deterministic=args.deterministic)
     result = train(config)
     last = {k: v[-1] for k, v in result["history"].items() if v}
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items()))
+    if result.get("complete"):
+        print(f"already trained to step {result['steps']}: {losses}; outputs in {os.path.abspath(args.out)}")
+        return 0
     print(f"trained to step {result['steps']} (resumed from {result['resumed_from_step']}): "
-          + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())) + f"; outputs in {os.path.abspath(args.out)}")
+          + losses + f"; outputs in {os.path.abspath(args.out)}")
     return 0
 
 
 def _evaluate(args, extra) -> int:
-    from shaspec_tf.evaluation import compare_models, write_reports
+    from shaspec_tf.evaluation import check_report_folder, write_report_folder
     from shaspec_tf.workflows import evaluate_trained
 
     roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    names = [os.path.basename(os.path.abspath(model_dir)) for model_dir in args.model]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--model folders must have different names (each gets a report subfolder), got "
+                         f"{', '.join(names)}")
+    check_report_folder(args.out)  # --out is refused before any evaluation unless it is an earlier report of ours
     results = {}
-    for model_dir in args.model:
-        name = os.path.basename(os.path.normpath(model_dir))
+    for name, model_dir in zip(names, args.model):
         results[name] = evaluate_trained(model_dir, args.data, split=args.split, roi_size=roi, overlap=args.overlap,
                                          tta=args.tta, postprocess=args.postprocess)
-        out = args.out if len(args.model) == 1 else os.path.join(args.out, name)
-        write_reports(results[name], out, title=f"{name} on {args.data}", name=name)
+    write_report_folder(results, args.out, titles={name: f"{name} on {args.data}" for name in names},
+                        comparison_title=f"Models on {args.data}")
+    for name in names:
+        out = args.out if len(names) == 1 else os.path.join(args.out, name)
         mean = results[name]["summary"]["mean"]
         print(f"{name}: mean over subsets " + ", ".join(
             f"{k} {v['dice'] * 100:.2f}" if isinstance(v, dict) else f"{k} {v * 100:.2f}" for k, v in mean.items())
             + f"; reports in {os.path.abspath(out)}")
-    if len(results) > 1:
-        compare_models(results, args.out, title=f"Models on {args.data}")
+    if len(names) > 1:
         print(f"side-by-side comparison in {os.path.abspath(args.out)}/comparison.md")
     return 0
 
@@ -205,7 +245,8 @@ def _predict(args, extra) -> int:
             raise ValueError("--roi, --overlap and --tta are fixed in the exported graph; leave them out with --server")
         predict_nifti_remote = _serving_import("client").predict_nifti_remote
         result = predict_nifti_remote(args.server, args.model_name, paths, args.out, protocol=args.protocol,
-                                      version=args.model_version, postprocess=args.postprocess)
+                                      version=args.model_version, postprocess=args.postprocess,
+                                      overwrite=args.overwrite)
     else:
         if args.model_name is not None or args.model_version is not None:
             raise ValueError("--model-name and --model-version go with --server, not --model")
@@ -213,7 +254,7 @@ def _predict(args, extra) -> int:
 
         roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
         result = predict_nifti(args.model, paths, args.out, roi_size=roi, overlap=args.overlap, tta=args.tta,
-                               postprocess=args.postprocess)
+                               postprocess=args.postprocess, overwrite=args.overwrite)
     print(f"segmented from {'+'.join(result['modalities'])}: label voxels {result['label_voxels']} -> "
           f"{os.path.abspath(result['out'])}")
     return 0
@@ -242,7 +283,9 @@ def _serve(args, extra) -> int:
 
     serve = _serving_import("server").serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return serve(args.model_base, args.grpc_port, args.rest_port, args.host, args.poll_seconds)
+    limits = {key: value for key, value in (("max_request_bytes", args.max_request_bytes),
+                                            ("read_timeout_s", args.read_timeout)) if value is not None}
+    return serve(args.model_base, args.grpc_port, args.rest_port, args.host, args.poll_seconds, **limits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,9 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     brats.add_argument("--eval-fraction", type=float, default=0.2)
     brats.add_argument("--shards", type=int, default=1, help="TFRecord shards per split")
     brats.add_argument("--workers", type=int, help="DirectRunner processes (default: CPU count)")
-    brats.add_argument("--strict", action="store_true", help="fail the job on the first bad case")
+    brats.add_argument("--strict", action="store_true", help="write nothing (and fail) if any case is bad")
     brats.add_argument("--unlabelled", action="store_true", help="cases without segmentations are fine")
     brats.add_argument("--no-crop", action="store_true", help="keep whole volumes (no crop to the brain)")
+    brats.add_argument("--max-voxels", type=int, help="largest volume a NIfTI header may declare (default: "
+                                                      "$SHASPEC_MAX_VOXELS, else 512^3 = 134217728)")
     brats.set_defaults(func=_prepare_brats, beam_passthrough=True)
 
     av = prepare.add_parser("avmnist", help="AV-MNIST by the SMIL protocol from MNIST digits + spoken digits")
@@ -332,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--strategy", default="default", choices=("default", "mirrored", "multi_worker"))
     tr.add_argument("--audio-rate", type=float, help="avmnist: keep audio for this fraction of training samples")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--deterministic", action="store_true",
+                    help="deterministic TensorFlow ops: a resumed run is bit-identical to an uninterrupted one")
     tr.set_defaults(func=_train)
 
     def inference_options(p):
@@ -359,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--protocol", default="grpc", choices=("grpc", "rest"), help="with --server")
     for modality in ("flair", "t1", "t1ce", "t2"):
         pr.add_argument(f"--{modality}", help=f"{modality.upper()} NIfTI file")
-    pr.add_argument("--out", required=True, help="output NIfTI (BraTS labels 0, 1, 2, 4; the input's affine)")
+    pr.add_argument("--out", required=True, help="output NIfTI (BraTS labels 0, 1, 2, 4; the input's affine); an "
+                                                 "existing file is replaced only when it is a label map of ours")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file whoever wrote it "
+                                                               "(never an input)")
     inference_options(pr)
     pr.set_defaults(func=_predict)
 
@@ -377,13 +427,58 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-base", required=True, help="folder of NAME/VERSION SavedModels")
     sv.add_argument("--grpc-port", type=int, default=8500)
     sv.add_argument("--rest-port", type=int, default=8501)
-    sv.add_argument("--host", default="0.0.0.0")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only; another address exposes the "
+                         "server, which has no authentication and no TLS, and logs a warning)")
     sv.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new versions")
+    sv.add_argument("--max-request-bytes", help="largest request, in bytes or with K/M/G (binary) units, e.g. "
+                                                "512MiB (default 1GiB): gRPC message, REST body, decoded inputs")
+    sv.add_argument("--read-timeout", type=float, help="seconds a REST client may send nothing before it is "
+                                                       "dropped (default 30)")
     sv.set_defaults(func=_serve)
     return parser
 
 
+# TensorFlow errors that come from the user's files or data (a missing, unreadable or corrupt file, a tensor the
+# graph's checks refuse, a request too large for the machine), not from a bug. Internal, Unknown, Unimplemented,
+# Aborted and the rest stay tracebacks.
+_TF_INPUT_ERRORS = ("NotFoundError", "AlreadyExistsError", "PermissionDeniedError", "DataLossError",
+                    "InvalidArgumentError", "OutOfRangeError", "ResourceExhaustedError", "UnavailableError",
+                    "FailedPreconditionError")
+_TF_NOISE = re.compile(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](\s*name:.*)?$")
+
+
+def _input_errors() -> tuple:
+    """The exception types that mean bad input, printed as one line without a traceback.
+
+    ``OSError`` (missing or unreadable files, our ``FileExistsError`` refusals, h5py's errors on garbage files) and
+    ``ValueError`` (our checks, ``json.JSONDecodeError``, ``UnicodeDecodeError``), plus TensorFlow's
+    :data:`_TF_INPUT_ERRORS` when the command imported TensorFlow. Everything else (``KeyError``, ``TypeError``,
+    ``AttributeError``, TensorFlow's internal errors, ...) points at a bug and keeps its traceback: code that
+    reads user files turns their errors into one-line ``ValueError``s naming the file."""
+    types = [OSError, ValueError]
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    types += [getattr(errors, name) for name in _TF_INPUT_ERRORS if isinstance(getattr(errors, name, None), type)]
+    return tuple(types)
+
+
+def _error_line(error: BaseException) -> str:
+    """The first meaningful line of ``error``'s message, plain (its type name when the message is empty).
+    TensorFlow's messages lose their graph-trace lines and ``{{function_node ...}}`` / ``[Op:...]`` decorations."""
+    text = getattr(error, "message", None) if type(error).__module__.startswith("tensorflow") else None
+    text = str(error) if not isinstance(text, str) else text
+    for line in text.splitlines():
+        line = _TF_NOISE.sub("", line.strip()).strip()
+        if not line or line.startswith(("Graph execution error", "Detected at node", "File ", "[[")):
+            continue
+        return line
+    return type(error).__name__
+
+
 def main(argv=None) -> int:
+    """Run ``shaspec``; bad input (see :func:`_input_errors`) is one line on stderr and exit status 2. Set
+    ``SHASPEC_TRACEBACK=1`` to get the full traceback instead."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam_passthrough", False):
@@ -392,9 +487,10 @@ def main(argv=None) -> int:
         if args.func in (_demo, _info):
             return args.func(args)
         return args.func(args, extra)
-    except (OSError, ValueError) as error:  # bad input: one line, no traceback
-        print(f"shaspec {args.command}: error: {str(error).splitlines()[0] if str(error) else error!r}",
-              file=sys.stderr)
+    except Exception as error:  # noqa: BLE001  only the bad-input types below are caught; the rest is re-raised
+        if not isinstance(error, _input_errors()) or os.environ.get("SHASPEC_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"shaspec {args.command}: error: {_error_line(error)}", file=sys.stderr)
         return 2
 
 

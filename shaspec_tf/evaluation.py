@@ -42,7 +42,10 @@ MEAN_POLICY = "Average = mean of the subset means (every subset weighs the same)
 ACCURACY_POLICY = "Accuracy pools every sample of a subset (correct / total)"
 DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2", "image": "Image", "audio": "Audio"}
 
-__all__ = ["compare_models", "evaluate_subsets", "load_results", "markdown_report", "write_reports"]
+REPORT_KIND = "evaluation-report"  # the fileio marker kind of a folder written by write_report_folder
+
+__all__ = ["REPORT_KIND", "check_report_folder", "compare_models", "evaluate_subsets", "load_results",
+           "markdown_report", "write_report_folder", "write_reports"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -539,3 +542,54 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
     fig.suptitle(title, fontsize=11)
     fig.savefig(paths["heatmap"], format="png")
     return paths
+
+
+def check_report_folder(out_dir: str) -> bool:
+    """Whether :func:`write_report_folder` may write ``out_dir``: ``False`` when it is absent or empty, ``True`` when
+    it is an earlier report folder of ours left as written; otherwise a one-line ``FileExistsError`` (a user's
+    folder is never replaced). Call it before a long evaluation to fail early."""
+    from shaspec_tf.fileio import ensure_replaceable
+
+    return ensure_replaceable(out_dir, REPORT_KIND)
+
+
+def write_report_folder(models: Mapping[str, dict], out_dir: str, titles: Mapping[str, str] | None = None,
+                        comparison_title: str = "Model comparison") -> dict:
+    """Write the reports of one model, or of several side by side, as one report folder ``out_dir``.
+
+    One model: the :func:`write_reports` files in ``out_dir`` itself. Several: one subfolder per model (named by
+    its key) plus :func:`compare_models`' ``comparison.{md,csv,png}`` at the top. ``titles``: model name -> report
+    title (default: the name).
+
+    The folder is built in a hidden staging folder beside ``out_dir`` and moved into place with
+    :func:`shaspec_tf.fileio.replace_dir`, marked as a :data:`REPORT_KIND` output: an existing ``out_dir`` is
+    replaced only when it is an earlier report folder of ours that nobody added files to; anything else is a
+    one-line ``FileExistsError`` and nothing is touched. A failure leaves ``out_dir`` as it was. Returns
+    ``{model name: paths}`` (plus ``"comparison"`` with several models), paths under ``out_dir``.
+    """
+    from shaspec_tf import fileio
+
+    if not models:
+        raise ValueError("write_report_folder needs at least one model's results")
+    names = list(models)
+    for name in names:
+        if len(names) > 1 and (not name or name in (".", "..") or "/" in name or os.sep in name
+                               or name.startswith(".")):
+            raise ValueError(f"model name {name!r} cannot be a report subfolder; give a plain folder name")
+    titles = dict(titles or {})
+    check_report_folder(out_dir)
+    staging = fileio.staging_dir(out_dir)
+    try:
+        written = {}
+        for name in names:
+            folder = staging if len(names) == 1 else os.path.join(staging, name)
+            written[name] = write_reports(models[name], folder, title=titles.get(name, name), name=name)
+        if len(names) > 1:
+            written["comparison"] = compare_models(models, staging, title=comparison_title)
+        fileio.replace_dir(staging, out_dir, REPORT_KIND)
+    except BaseException:
+        fileio.remove_tree(staging)
+        raise
+    staged = os.path.abspath(staging)
+    return {key: {k: os.path.join(str(out_dir), os.path.relpath(v, staged)) for k, v in paths.items()}
+            for key, paths in written.items()}

@@ -26,16 +26,16 @@ import datetime
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Optional
+
+from shaspec_tf import fileio
 
 MANIFEST_PATH = os.path.join("assets.extra", "shaspec_export.json")  # TF Serving ignores files beside the model
 SEGMENTATION_SIGNATURES = ("serving_default", "segment_volume")
 CLASSIFICATION_SIGNATURES = ("serving_default",)
 
 __all__ = ["export_model", "export_trained", "next_version", "list_versions", "read_manifest",
-           "make_serving_functions", "MANIFEST_PATH"]
+           "make_serving_functions", "clean_stale_exports", "MANIFEST_PATH"]
 
 
 def list_versions(base: str, name: str) -> list:
@@ -54,9 +54,36 @@ def next_version(base: str, name: str) -> int:
 
 
 def read_manifest(version_dir: str) -> dict:
-    """The export manifest written beside a SavedModel by :func:`export_model`."""
-    with open(os.path.join(version_dir, MANIFEST_PATH)) as f:
-        return json.load(f)
+    """The export manifest written beside a SavedModel by :func:`export_model`; a missing file is a
+    ``FileNotFoundError``, a garbage one a one-line ``ValueError``, each naming the file."""
+    path = os.path.join(version_dir, MANIFEST_PATH)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {version_dir} is not a version folder written by 'shaspec export'")
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from error
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("task"), str):
+        raise ValueError(f"{path} is not a shaspec export manifest (a JSON object with a 'task')")
+    return manifest
+
+
+def _staged_name(entry: str) -> Optional[str]:
+    """``"3"`` for a staging entry ``.3.partial-HOST-PID-RANDOM`` (or a ``.3.old-...`` one), else ``None``."""
+    for marker in (".partial-", ".old-"):
+        if entry.startswith(".") and marker in entry:
+            return entry[1:].split(marker, 1)[0] or None
+    return None
+
+
+def clean_stale_exports(model_dir: str) -> list:
+    """Remove the staging folders that killed exports left under ``model_dir`` (those of dead processes on this
+    host, see :func:`shaspec_tf.fileio.clean_stale`); returns what was removed."""
+    if not os.path.isdir(model_dir):
+        return []
+    names = {_staged_name(entry) for entry in os.listdir(model_dir)} - {None}
+    return [path for name in sorted(names) for path in fileio.clean_stale(os.path.join(model_dir, name))]
 
 
 def _mask_checks(tf, mask, batch):
@@ -224,8 +251,10 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
     """Write ``model`` as the SavedModel ``base/name/version/`` (version: next free integer by default) and return
     that folder.
 
-    The SavedModel is written to a temporary folder beside the version folder and renamed into place, so a
-    half-written export never appears as a version. An existing version is never overwritten.
+    The SavedModel is written to a hidden staging folder beside the version folder (``.V.partial-HOST-PID-RANDOM``:
+    not an integer, so TF Serving ignores it, and hidden, so ``shaspec serve`` does too) and renamed into place, so a
+    half-written export never appears as a version. A failed export removes its staging folder; the ones of killed
+    exports are removed by the next export into the same model folder. An existing version is never overwritten.
     """
     import keras
 
@@ -242,7 +271,8 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
         raise FileExistsError(f"{target} already exists: versions are never overwritten; pick another --version")
     functions = make_serving_functions(model, overlap=overlap, sigma_scale=sigma_scale)
     os.makedirs(model_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir)  # not an integer: servers ignore it
+    clean_stale_exports(model_dir)
+    tmp = fileio.staging_dir(target)
     try:
         archive = keras.export.ExportArchive()
         archive.track(model)
@@ -268,9 +298,12 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, MANIFEST_PATH), "w") as f:
             json.dump(manifest, f, indent=2, default=list)
+        if os.path.lexists(target):  # rename would replace an empty folder: never touch a version
+            raise FileExistsError(f"{target} appeared while exporting: versions are never overwritten; pick "
+                                  f"another --version")
         os.rename(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fileio.remove_tree(tmp)
         raise
     return target
 

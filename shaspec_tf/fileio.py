@@ -187,6 +187,7 @@ def list_files(folder: str) -> Dict[str, int]:
                     out[rel] = int(gfile.stat(path).length)
         return out
     for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if _PARTIAL not in d]  # a run's staging folder is not part of the output
         for name in files:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, folder).replace(os.sep, "/")

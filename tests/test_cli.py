@@ -19,6 +19,11 @@ def test_demo_trains_and_writes_its_results(tmp_path, capsys):
     assert (out / "model.weights.h5").stat().st_size > 0
     config = json.loads((out / "model_config.json").read_text())
     assert config["preset"] == "tiny"
+    # One folder of ours, built aside and moved into place: marked, nothing else beside it.
+    marker = json.loads((out / ".shaspec-output.json").read_text())
+    assert marker["kind"] == "demo-run" and sorted(marker["files"]) == ["demo.json", "model.weights.h5",
+                                                                       "model_config.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
 def test_info_prints_the_parameter_count(capsys):
@@ -30,3 +35,70 @@ def test_info_prints_the_parameter_count(capsys):
 def test_unknown_command_is_an_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+def test_errors_print_the_plain_first_line(monkeypatch, capsys):
+    from shaspec_tf import cli
+
+    def fails_with(error):
+        def command(args):
+            raise error
+        monkeypatch.setattr(cli, "_info", command)
+
+    fails_with(ValueError("bad/empty: no records\nsecond line"))
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "shaspec info: error: bad/empty: no records\n"  # no quotes, one line
+    fails_with(FileNotFoundError())
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err == "shaspec info: error: FileNotFoundError\n"  # the type only when no message
+
+
+def test_tensorflow_input_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import tensorflow as tf
+
+    from shaspec_tf import cli
+
+    def fails_with(error):
+        def command(args):
+            raise error
+        monkeypatch.setattr(cli, "_info", command)
+
+    for error, line in (
+            (tf.errors.DataLossError(None, None, "{{function_node __wrapped__IteratorGetNext_device_/job:localhost}} "
+                                                 "corrupted record at 128 [Op:IteratorGetNext] name: "),
+             "corrupted record at 128"),
+            (tf.errors.InvalidArgumentError(None, None, "Graph execution error:\n\nDetected at node a/Assert "
+                                                        "defined at (most recent call last):\n  File \"x.py\", line 1"
+                                                        "\n\nassertion failed: [modality_mask is all zero]\n\t "
+                                                        "[[{{node a/Assert}}]] [Op:__inference_f_1]"),
+             "assertion failed: [modality_mask is all zero]"),
+            (tf.errors.NotFoundError(None, None, "/no/such/file; No such file or directory"),
+             "/no/such/file; No such file or directory")):
+        fails_with(error)
+        assert main(["info"]) == 2
+        assert capsys.readouterr().err == f"shaspec info: error: {line}\n"
+    # Programming errors are not bad input: they keep their traceback.
+    for error in (KeyError("preset"), TypeError("unsupported operand"), tf.errors.InternalError(None, None, "bug")):
+        fails_with(error)
+        with pytest.raises(type(error)):
+            main(["info"])
+    # SHASPEC_TRACEBACK=1 shows the traceback of bad input too.
+    fails_with(ValueError("bad input"))
+    monkeypatch.setenv("SHASPEC_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="bad input"):
+        main(["info"])
+
+
+def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.weights.h5").write_bytes(b"my own weights")
+    (out / "notes.txt").write_text("thesis notes")
+    args = ["demo", "--steps", "3", "--warmup", "1", "--shape", "32,32,32", "--eager", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not written by shaspec" in err[0]
+    assert "task_loss" not in capsys.readouterr().out  # refused before any training
+    assert sorted(p.name for p in out.iterdir()) == ["model.weights.h5", "notes.txt"]
+    assert (out / "model.weights.h5").read_bytes() == b"my own weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging folder left

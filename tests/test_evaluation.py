@@ -507,3 +507,36 @@ def test_write_reports_with_models_writes_comparison(cls_results, tmp_path):
     assert os.path.isfile(paths["comparison_markdown"])
     markdown = (tmp_path / "comparison.md").read_text()
     assert "Oracle" in markdown and "ShaSpec" in markdown and "100.00" in markdown
+
+
+def test_write_report_folder_is_one_folder_of_ours(seg_results, baseline_results, tmp_path):
+    from shaspec_tf.evaluation import write_report_folder
+    from shaspec_tf.fileio import MARKER
+
+    out = tmp_path / "report"
+    paths = write_report_folder({"ShaSpec": seg_results}, str(out))
+    assert sorted(os.listdir(out)) == sorted([MARKER, "heatmap.png", "metrics.csv", "metrics.json", "metrics.md",
+                                              "metrics_per_case.csv", "metrics_per_case.json"])
+    assert paths["ShaSpec"]["json"] == str(out / "metrics.json")
+    assert json.loads((out / MARKER).read_text())["kind"] == "evaluation-report"
+    # Our own report is replaced by a new one, several models as subfolders plus the comparison at the top.
+    write_report_folder({"ShaSpec": seg_results, "Baseline": baseline_results}, str(out),
+                        titles={"ShaSpec": "ShaSpec on X"}, comparison_title="Both")
+    assert sorted(os.listdir(out)) == sorted([MARKER, "Baseline", "ShaSpec", "comparison.csv", "comparison.md",
+                                              "comparison.png"])
+    assert (out / "ShaSpec" / "metrics.md").read_text().startswith("# ShaSpec on X")
+    assert (out / "comparison.md").read_text().startswith("# Both")
+    assert sorted(os.listdir(tmp_path)) == ["report"]  # no staging or old folder left
+
+    # A folder the user wrote into, or one holding their files, is refused and left as it was.
+    (out / "ShaSpec" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="did not write"):
+        write_report_folder({"ShaSpec": seg_results}, str(out))
+    assert (out / "ShaSpec" / "notes.txt").read_text() == "mine"
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "metrics.json").write_text("my metrics")
+    with pytest.raises(FileExistsError, match="not written by shaspec"):
+        write_report_folder({"ShaSpec": seg_results}, str(users))
+    assert os.listdir(users) == ["metrics.json"] and (users / "metrics.json").read_text() == "my metrics"
+    assert sorted(os.listdir(tmp_path)) == ["report", "users"]

@@ -230,3 +230,42 @@ def test_make_serving_functions_signatures(exported):
     functions = make_serving_functions(exported["classifier"])
     assert [spec.name for spec in functions["serving_default"].input_signature] == ["image", "audio",
                                                                                      "modality_mask"]
+
+
+def test_read_manifest_names_a_missing_or_garbage_file(tmp_path):
+    version = tmp_path / "seg" / "1"
+    with pytest.raises(FileNotFoundError, match="shaspec_export.json"):
+        read_manifest(str(version))
+    (version / "assets.extra").mkdir(parents=True)
+    path = version / MANIFEST_PATH
+    for content in (b"{\"task\": ", b"\xff\xfe garbage", b"[1, 2]", b"{\"format\": 1}"):
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as info:
+            read_manifest(str(version))
+        assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1, content
+
+
+def test_export_stages_under_a_name_clean_stale_knows(exported, tmp_path, monkeypatch):
+    from shaspec_tf import fileio
+
+    model_dir = tmp_path / "base" / "m"
+    host = fileio._host()
+    dead = f".3.partial-{host}-99999999-deadbeef"     # a killed export of this host: removed
+    live = f".4.partial-{host}-{os.getpid()}-cafecafe"  # a running export: kept
+    remote = ".5.partial-otherhost-12-cafecafe"       # another host's: kept
+    for entry in (dead, live, remote, "2"):
+        (model_dir / entry).mkdir(parents=True)
+    staged = []
+
+    def broken_write_out(self, filepath, *args, **kwargs):
+        staged.append(os.path.basename(filepath))
+        os.makedirs(os.path.join(filepath, "variables"), exist_ok=True)  # half-written, then killed
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(keras.export.ExportArchive, "write_out", broken_write_out)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(exported["classifier"], str(tmp_path / "base"), "m")
+    # Staged as a hidden non-integer folder that names this process, so a killed run's leftover can be cleaned.
+    assert len(staged) == 1 and staged[0].startswith(f".3.partial-{host}-{os.getpid()}-"), staged
+    assert sorted(os.listdir(model_dir)) == sorted([live, remote, "2"])
+    assert list_versions(str(tmp_path / "base"), "m") == [2]

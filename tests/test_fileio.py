@@ -46,6 +46,15 @@ def test_our_output_is_replaced_and_a_foreign_file_makes_it_theirs(tmp_path):
     assert (out / "notes.md").read_text() == "mine" and (out / "b.txt").read_text() == "two"
 
 
+def test_a_staging_folder_inside_an_output_is_not_foreign(tmp_path):
+    out = tmp_path / "out"
+    _build(out, {"a.txt": "one"})
+    inner = fileio.staging_dir(str(out / "case"))  # e.g. a case being rewritten inside the output
+    with open(os.path.join(inner, "x"), "w") as f:
+        f.write("partial")
+    assert fileio.ensure_replaceable(str(out), "k") is True
+
+
 def test_a_changed_file_or_another_kind_is_refused(tmp_path):
     out = tmp_path / "out"
     _build(out, {"a.txt": "one"})
