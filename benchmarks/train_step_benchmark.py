@@ -24,9 +24,10 @@ What is measured (``ours`` = this package on the Keras backend ``--backend``, de
   ``get_memory_info()["peak"]``; PyTorch on CUDA: ``max_memory_allocated``; on a CPU the process' maximum resident
   set size (``kind`` says which).
 * ``infer``: whole-volume sliding-window prediction, ROI = crop, ``--overlap``, ``--sw-batch-size`` windows per
-  forward pass; ours is ``shaspec_tf.inference.sliding_window_predict`` (Gaussian blending on the host), the
-  official one a plain average of sigmoids on the device (as the official evaluation). ``first_s`` includes
-  compilation; then ``--infer-reps`` timed volumes.
+  forward pass; ours is ``shaspec_tf.inference.sliding_window_predict`` (Gaussian blending, compiled with the
+  model: one ``jax.jit`` / ``tf.function`` per volume), the official one a plain average of sigmoids on the device
+  (as the official evaluation), over the same tiles (``tile_starts``, computed once by the driver with our rule).
+  ``first_s`` includes compilation; then ``--infer-reps`` timed volumes.
 * ``data``: batch production timed apart from the model: ``tfdata`` = ``shaspec_tf.data.input.brats_dataset`` over
   TFRecords of toy cases (``--data-case-shape``) written to a temporary folder, when TensorFlow is importable;
   otherwise ``numpy`` = random crop, flips and modality dropout of in-memory toy cases in NumPy (``source`` says
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -94,20 +94,16 @@ def summarize(times) -> dict:
             "mean_s": float(np.mean(times)), "times_s": [round(t, 6) for t in times]}
 
 
-def window_starts(size: int, roi: int, overlap: float) -> tuple:
-    """The window starts of ``shaspec_tf.inference.window_starts`` (same rule; kept here for the official worker)."""
-    if size <= roi:
-        return (0,)
-    stride = max(1, math.ceil(round(roi * (1.0 - overlap), 9)))
-    count = math.ceil((size - roi) / stride) + 1
-    return tuple(sorted({min(i * stride, size - roi) for i in range(count)}))
-
-
 def tile_starts(volume, roi, overlap) -> list:
+    """The window corners ``(d, h, w)`` of a whole volume, from ``shaspec_tf.inference.window_starts`` (the one
+    definition of the rule). The driver computes them and hands them to the workers in the spec (``tile_starts``),
+    so the official worker, which may run in an interpreter without this package's dependencies, needs no copy."""
     import itertools
 
-    padded = [max(v, r) for v, r in zip(volume, roi)]
-    return list(itertools.product(*(window_starts(p, r, overlap) for p, r in zip(padded, roi))))
+    sys.path.insert(0, REPO)
+    from shaspec_tf.inference.window import window_starts
+
+    return [list(t) for t in itertools.product(*(window_starts(v, r, overlap) for v, r in zip(volume, roi)))]
 
 
 def random_masks(rng: np.random.Generator, batch: int, m: int = 4) -> np.ndarray:
@@ -257,7 +253,7 @@ def ours_infer(spec) -> dict:
     return dict({"device": _keras_device(keras), "backend": keras.backend.backend(), "jit": spec["jit"],
                  "precision": spec["precision"], "volume": list(volume), "roi": list(roi),
                  "overlap": spec["overlap"], "sw_batch_size": spec["sw_batch_size"],
-                 "tiles": len(tile_starts(volume, roi, spec["overlap"])), "blending": "gaussian, host (NumPy)",
+                 "tiles": len(spec["tile_starts"]), "blending": "gaussian, device (compiled with the model)",
                  "first_s": first, "reps": len(times), "output_finite": bool(np.all(np.isfinite(prob))),
                  "peak_memory": _keras_peak_memory(keras)},
                 **{k: v for k, v in summarize(times).items() if k != "n"})
@@ -459,7 +455,7 @@ def official_infer(spec) -> dict:
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 4, 1, 2, 3))).to(device)
     if padded != volume:
         x = torch.nn.functional.pad(x, [p for v, q in zip(volume[::-1], padded[::-1]) for p in (0, q - v)])
-    starts = tile_starts(volume, roi, spec["overlap"])
+    starts = [tuple(start) for start in spec["tile_starts"]]
     amp, k = spec["precision"] == "bf16", spec["sw_batch_size"]
 
     def run():
@@ -671,11 +667,12 @@ def main(argv=None) -> dict:
             "sw_batch_size": args.sw_batch_size, "infer_reps": args.infer_reps, "data_source": args.data_source,
             "data_batches": args.data_batches, "data_cases": args.data_cases,
             "data_case_shape": args.data_case_shape or args.volume,
-            "official": os.path.abspath(args.official) if args.official else None}
+            "official": os.path.abspath(args.official) if args.official else None,
+            "tile_starts": tile_starts(args.volume, crop, args.overlap)}
     env = dict(os.environ, KERAS_BACKEND=args.backend, PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     report = {"schema": SCHEMA, "argv": sys.argv[1:] if argv is None else list(argv), "backend": args.backend,
-              "config": {k: v for k, v in spec.items() if k != "official"} | {
+              "config": {k: v for k, v in spec.items() if k not in ("official", "tile_starts")} | {
                   "precisions": precisions, "official": spec["official"], "skip": sorted(skip)},
               "host": {"node": platform.node(), "python": platform.python_version(), "cpu": cpu_name(),
                        "tensorflow_blocked": os.environ.get(BLOCK_TF_ENV) == "1"},

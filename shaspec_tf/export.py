@@ -10,8 +10,9 @@ Segmentation signatures:
 * ``segment_volume``: whole volumes of any size, ``image`` float32 ``[B, D, H, W, M]`` (usually B = 1; a batch holds
   volumes of one size) and ``modality_mask`` float32 ``[B, M]`` -> ``labels`` uint8 ``[B, D, H, W]``. Sliding
   windows of the model's ``crop_size`` with the given overlap (default 1/3) and Gaussian blending run inside the
-  graph, as :func:`shaspec_tf.inference.sliding_window_predict` does in NumPy; axes shorter than the window are
-  padded with zeros and cropped back.
+  graph: the same ``keras.ops`` code as :func:`shaspec_tf.inference.sliding_window_predict`
+  (:func:`shaspec_tf.inference.window_probabilities`), on dynamic sizes; axes shorter than the window are padded
+  with zeros and cropped back.
 
 Classification ``serving_default``: ``image`` ``[B, 28, 28, 1]``, ``audio`` ``[B, 20, 20, 1]``, ``modality_mask``
 ``[B, 2]`` -> ``probabilities`` float32 ``[B, 10]`` (softmax) and ``class`` int64 ``[B]``.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 from typing import Optional
 
@@ -120,32 +120,11 @@ def _labels_from_probabilities(tf, prob, threshold: float = 0.5):
     return tf.where(on[..., 0], tf.constant(4, tf.uint8), labels)
 
 
-def _axis_starts(tf, size, roi: int, overlap: float):
-    """Window starts along one axis of (padded) length ``size`` >= ``roi``: the rule of
-    :func:`shaspec_tf.inference.window_starts` in TF ops."""
-    stride = max(1, math.ceil(round(roi * (1.0 - overlap), 9)))
-    count = (size - roi + stride - 1) // stride + 1
-    return tf.minimum(tf.range(count) * stride, size - roi)
-
-
-def _gaussian_weights(tf, roi, sigma_scale: float):
-    """The separable Gaussian of :func:`shaspec_tf.inference.gaussian_importance_map` (max 1, floor 1e-3)."""
-    import numpy as np
-
-    from shaspec_tf.inference import _IMPORTANCE_FLOOR
-
-    profiles = []
-    for r in roi:
-        x = np.arange(r, dtype=np.float64) - (r - 1) / 2.0
-        p = np.exp(-0.5 * (x / (sigma_scale * r)) ** 2)
-        profiles.append(tf.constant((p / p.max()).astype(np.float32)))
-    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    return tf.maximum(weights, _IMPORTANCE_FLOOR)
-
-
-def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0.125) -> dict:
+def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0.125, sw_batch_size: int = 1) -> dict:
     """``{signature name: tf.function with an input signature}`` for ``model`` (a ShaSpec segmenter or
-    classifier); the functions call the model in inference mode."""
+    classifier); the functions call the model in inference mode. ``segment_volume`` runs
+    :func:`shaspec_tf.inference.window_probabilities` (the code of
+    :func:`~shaspec_tf.inference.sliding_window_predict`) with ``sw_batch_size`` windows per model call."""
     import tensorflow as tf
 
     config = model.shaspec_config
@@ -180,7 +159,8 @@ def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0
 
     if config["task"] != "segmentation":
         raise ValueError(f"cannot export a model with task {config['task']!r}")
-    from shaspec_tf.inference import ROI_DIVISOR, _validate_roi
+    from shaspec_tf.inference import ROI_DIVISOR, _validate_roi, window_probabilities
+    from shaspec_tf.inference.compiled import logits_spec
 
     roi = _validate_roi(config["crop_size"])
     if not 0.0 <= overlap < 1.0:
@@ -201,33 +181,14 @@ def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0
             prob = tf.sigmoid(tf.cast(logits({"image": image, "modality_mask": modality_mask}), tf.float32))
         return {"probabilities": prob, "labels": _labels_from_probabilities(tf, prob)}
 
-    weights = _gaussian_weights(tf, roi, sigma_scale)
-    offsets = tf.stack(tf.meshgrid(*(tf.range(r) for r in roi), indexing="ij"), axis=-1)  # [rd, rh, rw, 3]
+    num_classes = logits_spec(model, sw_batch_size, roi, m)[-1]
+    no_flip = tf.zeros([1, 3], tf.int32)
 
     def one_volume(args):
-        volume, mask = args  # [D, H, W, M], [M]
-        shape = tf.shape(volume)[:3]
-        padded_shape = tf.maximum(shape, roi)
-        paddings = tf.stack([tf.zeros(3, tf.int32), padded_shape - shape], axis=1)  # zeros after each axis' end
-        volume = tf.pad(volume, tf.concat([paddings, [[0, 0]]], axis=0))
-        starts = [_axis_starts(tf, padded_shape[i], roi[i], overlap) for i in range(3)]
-        grid = tf.stack(tf.meshgrid(*starts, indexing="ij"), axis=-1)
-        positions = tf.reshape(grid, [-1, 3])
-        count = tf.shape(positions)[0]
-        accum = tf.zeros(tf.concat([padded_shape, [4]], axis=0), tf.float32)  # 3 weighted channels + weight
-
-        def body(i, accum):
-            start = positions[i]
-            tile = tf.slice(volume, tf.concat([start, [0]], axis=0), list(roi) + [m])
-            tile = tf.ensure_shape(tile, list(roi) + [m])
-            prob = tf.sigmoid(tf.cast(logits({"image": tile[None], "modality_mask": mask[None]}), tf.float32))[0]
-            update = tf.concat([prob * weights[..., None], weights[..., None]], axis=-1)
-            return i + 1, tf.tensor_scatter_nd_add(accum, offsets + start, update)
-
-        _, accum = tf.while_loop(lambda i, _: i < count, body, (tf.constant(0), accum),
-                                 parallel_iterations=1)
-        prob = accum[..., :3] / accum[..., 3:]
-        prob = prob[:shape[0], :shape[1], :shape[2]]
+        volume, mask = args  # [D, H, W, M], [M]: the sliding window of the Python API, on dynamic sizes
+        prob = window_probabilities(lambda tiles, masks: logits({"image": tiles, "modality_mask": masks}), volume,
+                                    mask, no_flip, roi_size=roi, num_classes=num_classes, overlap=overlap,
+                                    mode="gaussian", sigma_scale=sigma_scale, sw_batch_size=sw_batch_size)
         return _labels_from_probabilities(tf, prob)
 
     @tf.function(input_signature=[image_spec, mask_spec])

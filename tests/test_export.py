@@ -145,18 +145,61 @@ def test_serving_default_matches_the_keras_model(exported):
 
 
 @pytest.mark.parametrize("key", ["volume", "small_volume"])
-def test_segment_volume_matches_numpy_sliding_window(exported, key):
-    """Same windows, Gaussian weights and label rule as the NumPy path; labels may differ only where the NumPy
-    probability is within 1e-4 of the 0.5 threshold (float round-off between the two blends)."""
+def test_segment_volume_is_the_python_sliding_window(exported, key):
+    """The exported signature runs the code of sliding_window_predict (window_probabilities, one window per model
+    call): its labels are those of the Python API's probabilities on every voxel (allowing only voxels whose
+    probability is within 1e-6 of the 0.5 threshold, for float round-off between the loaded and the in-process
+    graph)."""
     x, out = exported["inputs"], exported["outputs"]
     prob = sliding_window_predict(exported["segmenter"], x[key], x[key + "_mask"], roi_size=(32, 64, 64),
-                                  overlap=1 / 3)
+                                  overlap=1 / 3, sw_batch_size=1)
     labels = out[key + "_labels"]
     assert labels.dtype == np.uint8 and labels.shape == x[key].shape[:3]
-    clear = np.all(np.abs(prob - 0.5) > 1e-4, axis=-1)
-    assert clear.mean() > 0.99
+    clear = np.all(np.abs(prob - 0.5) > 1e-6, axis=-1)
+    assert clear.mean() > 0.999
     np.testing.assert_array_equal(labels[clear], probabilities_to_labels(prob)[clear])
-    assert set(np.unique(labels)) <= {0, 1, 2, 4}
+    assert set(np.unique(labels)) <= {0, 1, 2, 4} and len(np.unique(labels)) > 1
+
+
+def test_segment_volume_probabilities_are_the_python_apis(exported):
+    """The probabilities inside segment_volume (the graph make_serving_functions builds: window_probabilities on
+    [None, None, None, M] volumes, the model called on one window at a time) equal the Python API's to 1e-6, and
+    the signature's labels are exactly the label rule on them."""
+    import tensorflow as tf
+
+    from shaspec_tf.export import _labels_from_probabilities
+    from shaspec_tf.inference import window_probabilities
+
+    model, x = exported["segmenter"], exported["inputs"]
+    seg = make_serving_functions(model)["segment_volume"]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32), tf.TensorSpec([4], tf.float32)])
+    def probabilities(volume, mask):
+        return window_probabilities(lambda t, m: model({"image": t, "modality_mask": m}, training=False)["logits"],
+                                    volume, mask, tf.zeros([1, 3], tf.int32), roi_size=(32, 64, 64), num_classes=3,
+                                    sw_batch_size=1)
+
+    for key in ("volume", "small_volume"):
+        graph = probabilities(x[key], x[key + "_mask"]).numpy()
+        for sw in (1, 4):
+            api = sliding_window_predict(model, x[key], x[key + "_mask"], roi_size=(32, 64, 64), sw_batch_size=sw)
+            np.testing.assert_allclose(graph, api, rtol=0, atol=1e-6)
+        labels = seg(image=x[key][None], modality_mask=x[key + "_mask"][None])["labels"].numpy()[0]
+        np.testing.assert_array_equal(labels, _labels_from_probabilities(tf, tf.constant(graph)).numpy())
+
+
+def test_segment_volume_holds_no_xla_ops(exported):
+    """A stock TF Serving binary cannot run XLA ops (XlaDynamicUpdateSlice is what keras.ops.slice_update becomes
+    under TensorFlow): the exported graphs hold core TensorFlow ops only."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(exported["seg_dir"], "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    graph = saved.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node} | {node.op for fn in graph.library.function for node in fn.node_def}
+    assert "While" in ops and "Conv3D" in ops
+    assert not [op for op in ops if op.startswith("Xla") or op.startswith("_Xla")], sorted(ops)
 
 
 def test_classification_export_matches_the_keras_model(exported):

@@ -1,19 +1,31 @@
-"""Whole-volume inference: window placement, blending, TTA, label maps and the "ShaSpec*" post-processing."""
-import itertools
+"""Whole-volume inference: window placement, blending, TTA, label maps and the "ShaSpec*" post-processing.
 
+The sliding window runs compiled with the model (keras.ops in jax.jit / tf.function); ``_reference_predict`` below is
+the NumPy implementation it replaced (host padding, a model call per batch of tiles, NumPy blending), kept here only
+to check the compiled one against it. Every test here runs under TensorFlow and under JAX.
+"""
+import itertools
+import math
+import os
+
+import keras
 import numpy as np
 import pytest
 
 from shaspec_tf.inference import (gaussian_importance_map, postprocess, predict_case, probabilities_to_labels,
                                   sliding_window_predict, window_starts)
+from shaspec_tf.inference import compiled as compiled_module
+from shaspec_tf.inference.window import FLIPS, window_grid
 
 MASK = np.array([1, 1, 1, 1], dtype=np.float32)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# -- fake models --------------------------------------------------------------------------------------------------
+# -- fake models (keras.ops, so that they trace with the window) --------------------------------------------------
 class VoxelModel:
     """Logits are a per-voxel function of the (masked) image: position independent and flip equivariant, so a
-    sliding window must reproduce the whole-volume output exactly. Records the shape of every batch."""
+    sliding window must reproduce the whole-volume output exactly. Records the input shape of every call (which,
+    inside a compiled function, happens once per trace)."""
 
     def __init__(self, seed=0):
         rng = np.random.default_rng(seed)
@@ -21,26 +33,44 @@ class VoxelModel:
         self.bias = rng.normal(size=3).astype(np.float32)
         self.calls = []
 
-    def logits(self, image, mask):
-        x = image * mask[:, None, None, None, :]
-        return np.tanh(x @ self.kernel) * 3.0 + self.bias
-
-    def predict_on_batch(self, inputs):
-        self.calls.append(inputs["image"].shape)
-        return {"logits": self.logits(inputs["image"], inputs["modality_mask"]), "other": np.zeros(1)}
+    def __call__(self, inputs):
+        self.calls.append(tuple(inputs["image"].shape))
+        ops = keras.ops
+        x = inputs["image"] * ops.reshape(inputs["modality_mask"], (-1, 1, 1, 1, 4))
+        return {"logits": ops.tanh(ops.matmul(x, self.kernel)) * 3.0 + self.bias,
+                "features": ops.zeros_like(inputs["image"])}  # not the logits: never comes back
 
     def direct(self, image, mask=MASK):
-        return 1.0 / (1.0 + np.exp(-self.logits(image[None].astype(np.float64), mask[None])[0]))
+        x = image.astype(np.float64) * mask
+        return 1.0 / (1.0 + np.exp(-(np.tanh(x @ self.kernel) * 3.0 + self.bias)))
 
 
 class RampModel:
     """Logits depend only on the position inside the tile (a ramp along D from -2 to 2): not position
-    independent; callable only through ``__call__`` (no ``predict_on_batch``)."""
+    independent."""
 
     def __call__(self, inputs):
+        ops = keras.ops
         b, d, h, w, _ = inputs["image"].shape
-        ramp = np.linspace(-2.0, 2.0, d, dtype=np.float32)
-        return {"logits": np.broadcast_to(ramp[None, :, None, None, None], (b, d, h, w, 3)).copy()}
+        ramp = ops.reshape(ops.linspace(-2.0, 2.0, d), (1, d, 1, 1, 1))
+        return {"logits": ops.zeros((b, d, h, w, 3)) + ramp + 0.0 * inputs["image"][..., :1]}
+
+
+class MixModel:
+    """Position dependent and data dependent (a ramp along H plus a per-voxel function, and a 3x3x3 box filter
+    along D), so that tile placement, padding, weights and flips all show in the result."""
+
+    def __init__(self, seed=5):
+        self.kernel = np.random.default_rng(seed).normal(size=(4, 3)).astype(np.float32)
+
+    def __call__(self, inputs):
+        ops = keras.ops
+        x = inputs["image"] * ops.reshape(inputs["modality_mask"], (-1, 1, 1, 1, 4))
+        b, d, h, w, _ = x.shape
+        smooth = (x + ops.pad(x[:, 1:], [[0, 0], [0, 1], [0, 0], [0, 0], [0, 0]])
+                  + ops.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0], [0, 0]])) / 3.0
+        ramp = ops.reshape(ops.linspace(-1.5, 1.0, h), (1, 1, h, 1, 1))
+        return {"logits": ops.matmul(smooth, self.kernel) + ramp}
 
 
 def _sigmoid(x):
@@ -49,6 +79,63 @@ def _sigmoid(x):
 
 def _volume(shape, seed=1):
     return np.random.default_rng(seed).normal(size=tuple(shape) + (4,)).astype(np.float32)
+
+
+# -- the NumPy implementation that the compiled window replaced (reference only) ----------------------------------
+def _reference_starts(size, roi, overlap):
+    if size <= roi:
+        return (0,)
+    stride = max(1, math.ceil(round(roi * (1.0 - overlap), 9)))
+    count = math.ceil((size - roi) / stride) + 1
+    return tuple(sorted({min(i * stride, size - roi) for i in range(count)}))
+
+
+def _reference_gaussian(roi_size, sigma_scale=0.125):
+    weights = np.ones((), dtype=np.float64)
+    for axis, roi in enumerate(roi_size):
+        x = np.arange(roi, dtype=np.float64) - (roi - 1) / 2.0
+        profile = np.exp(-0.5 * (x / (sigma_scale * roi)) ** 2)
+        weights = weights[..., None] * profile if axis else profile
+    weights = weights / weights.max()
+    return np.maximum(weights, 1e-3).astype(np.float32)
+
+
+def _reference_blend(model, image, mask, roi, overlap, weights, sw_batch_size):
+    shape = image.shape[:3]
+    padded = tuple(max(s, r) for s, r in zip(shape, roi))
+    if padded != shape:
+        image = np.pad(image, [(0, p - s) for p, s in zip(padded, shape)] + [(0, 0)])
+    starts = list(itertools.product(*(_reference_starts(p, r, overlap) for p, r in zip(padded, roi))))
+    accum, total = None, np.zeros(padded, dtype=np.float32)
+    for first in range(0, len(starts), sw_batch_size):
+        batch = starts[first:first + sw_batch_size]
+        slices = [tuple(slice(s, s + r) for s, r in zip(start, roi)) for start in batch]
+        tiles = np.stack([image[sl] for sl in slices])
+        inputs = {"image": tiles, "modality_mask": np.repeat(mask[None], len(batch), axis=0)}
+        outputs = model.predict_on_batch(inputs) if hasattr(model, "predict_on_batch") else model(inputs)
+        logits = np.asarray(keras.ops.convert_to_numpy(outputs["logits"]), dtype=np.float32)
+        prob = 1.0 / (1.0 + np.exp(-logits))
+        if accum is None:
+            accum = np.zeros(padded + (prob.shape[-1],), dtype=np.float32)
+        for sl, p in zip(slices, prob):
+            accum[sl] += p * weights[..., None]
+            total[sl] += weights
+    accum /= total[..., None]
+    return accum[:shape[0], :shape[1], :shape[2]]
+
+
+def _reference_predict(model, image, mask, roi_size, overlap=1 / 3, mode="gaussian", sigma_scale=0.125,
+                       sw_batch_size=4, tta_flips=False):
+    image, mask = np.asarray(image, np.float32), np.asarray(mask, np.float32)
+    weights = _reference_gaussian(roi_size, sigma_scale) if mode == "gaussian" else np.ones(roi_size, np.float32)
+    flips = [axes for n in range(4) for axes in itertools.combinations(range(3), n)] if tta_flips else [()]
+    result = None
+    for axes in flips:
+        flipped = np.ascontiguousarray(np.flip(image, axes)) if axes else image
+        prob = _reference_blend(model, flipped, mask, tuple(roi_size), overlap, weights, sw_batch_size)
+        prob = np.flip(prob, axes) if axes else prob
+        result = prob.copy() if result is None else result + prob
+    return result / np.float32(len(flips)) if len(flips) > 1 else result
 
 
 # -- windows ------------------------------------------------------------------------------------------------------
@@ -102,14 +189,17 @@ def test_sliding_window_equals_whole_volume_output(mode, shape):
 
 
 def test_sw_batch_size_batches_windows_without_changing_results():
-    image = _volume((40, 70, 70))
+    image = _volume((40, 70, 70))  # 2 * 3 * 3 = 18 windows of 32^3
     one, four = VoxelModel(), VoxelModel()
     a = sliding_window_predict(one, image, MASK, roi_size=(32, 32, 32), sw_batch_size=1)
     b = sliding_window_predict(four, image, MASK, roi_size=(32, 32, 32), sw_batch_size=4)
-    np.testing.assert_array_equal(a, b)
-    n = len(window_starts(40, 32)) * len(window_starts(70, 32)) ** 2  # 2 * 3 * 3 = 18
-    assert [c[0] for c in one.calls] == [1] * n
-    assert [c[0] for c in four.calls] == [4, 4, 4, 4, 2]
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The model is traced with batches of sw_batch_size windows (the last, partial batch is filled up inside).
+    assert set(one.calls) == {(1, 32, 32, 32, 4)} and set(four.calls) == {(4, 32, 32, 32, 4)}
+    # Never more windows per call than the volume has.
+    few = VoxelModel()
+    sliding_window_predict(few, _volume((32, 40, 32)), MASK, roi_size=(32, 32, 32), sw_batch_size=4)
+    assert set(few.calls) == {(2, 32, 32, 32, 4)}
 
 
 def test_constant_mode_averages_overlapping_tiles():
@@ -146,16 +236,19 @@ def test_tta_flips_are_flipped_back():
     model = VoxelModel()
     image = _volume((40, 70, 45))
     plain = sliding_window_predict(model, image, MASK, roi_size=(32, 32, 32))
-    model.calls.clear()
     tta = sliding_window_predict(model, image, MASK, roi_size=(32, 32, 32), tta_flips=True)
     np.testing.assert_allclose(tta, plain, rtol=1e-5, atol=1e-6)
-    assert len(model.calls) == 8 * 3  # 8 flip combinations x 3 batches of 4 (2 * 3 * 2 = 12 windows)
+    assert len(FLIPS) == 8 and FLIPS[0] == () and len(set(FLIPS)) == 8
     # A position-dependent model: the D ramp and its flip average to exactly 0.5; without TTA it does not.
     ramp_plain = sliding_window_predict(RampModel(), image[:32, :32, :32], MASK, roi_size=(32, 32, 32))
     ramp_tta = sliding_window_predict(RampModel(), image[:32, :32, :32], MASK, roi_size=(32, 32, 32),
                                       tta_flips=True)
     np.testing.assert_allclose(ramp_tta, 0.5, atol=1e-6)
     assert np.abs(ramp_plain - 0.5).max() > 0.3
+    # With a progress bar, each flip is one call of the same compiled function, summed on the host.
+    with_bar = sliding_window_predict(RampModel(), image, MASK, roi_size=(32, 32, 32), tta_flips=True, progress=True)
+    np.testing.assert_allclose(with_bar, sliding_window_predict(RampModel(), image, MASK, roi_size=(32, 32, 32),
+                                                                tta_flips=True), rtol=1e-6, atol=1e-7)
 
 
 def test_absent_modality_is_masked_and_progress_runs():
@@ -195,11 +288,18 @@ def test_bad_inputs_raise_one_line_value_errors(kwargs, image_shape, mask, messa
 
 def test_bad_model_output_and_helper_arguments_raise():
     class Wrong:
-        def predict_on_batch(self, inputs):
-            return {"logits": np.zeros(inputs["image"].shape[:4] + (3,))[:, :16]}
+        def __call__(self, inputs):
+            return {"logits": keras.ops.zeros(tuple(inputs["image"].shape[:4]) + (3,))[:, :16]}
 
-    with pytest.raises(ValueError, match=r"model logits must have shape \[batch, 32, 32, 32, classes\]"):
+    class NoLogits:
+        def __call__(self, inputs):
+            return {"scores": inputs["image"]}
+
+    with pytest.raises(ValueError, match=r"model logits must have shape \[batch, 32, 32, 32, classes\]") as err:
         sliding_window_predict(Wrong(), _volume((32, 32, 32)), MASK, roi_size=(32, 32, 32))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="model outputs must hold 'logits'"):
+        sliding_window_predict(NoLogits(), _volume((32, 32, 32)), MASK, roi_size=(32, 32, 32))
     with pytest.raises(ValueError, match="overlap must be in"):
         window_starts(100, 32, 1.5)
     with pytest.raises(ValueError, match="size >= 1 and roi >= 1"):
@@ -212,6 +312,127 @@ def test_bad_model_output_and_helper_arguments_raise():
         postprocess(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="t1ce must have the label map's shape"):
         postprocess(np.zeros((4, 4, 4)), t1ce=np.zeros((4, 4, 5)))
+
+
+# -- the compiled window against the NumPy reference ---------------------------------------------------------------
+@pytest.mark.parametrize("model_cls", [VoxelModel, RampModel, MixModel])
+@pytest.mark.parametrize("shape,kwargs", [
+    ((40, 70, 70), {"mode": "constant"}),
+    ((40, 70, 70), {"mode": "gaussian", "sw_batch_size": 4}),                 # 18 windows: 4 does not divide
+    ((33, 31, 97), {"mode": "gaussian", "sw_batch_size": 5}),                 # odd sizes, H shorter than the roi
+    ((20, 27, 29), {"mode": "constant", "sw_batch_size": 3}),                 # every axis shorter: 1 padded window
+    ((47, 70, 45), {"mode": "gaussian", "overlap": 0.5, "sigma_scale": 0.25, "sw_batch_size": 7}),
+    ((35, 45, 33), {"tta_flips": True, "sw_batch_size": 3}),                   # 8 flips of an odd volume
+    ((21, 40, 70), {"tta_flips": True, "mode": "constant", "sw_batch_size": 2}),
+])
+def test_compiled_window_matches_the_numpy_reference(model_cls, shape, kwargs):
+    model = model_cls()
+    image = _volume(shape, seed=sum(shape))
+    mask = np.array([1, 0, 1, 1], np.float32)
+    expected = _reference_predict(model, image, mask, (32, 32, 32), **kwargs)
+    prob = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32), **kwargs)
+    assert prob.shape == shape + (3,) and prob.dtype == np.float32 and isinstance(prob, np.ndarray)
+    np.testing.assert_allclose(prob, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # about 55 s under JAX on a 2-core CPU (XLA CPU convolutions); a few seconds under TensorFlow
+def test_tiny_shaspec_model_matches_the_numpy_reference():
+    import shaspec_tf
+
+    keras.utils.set_random_seed(11)
+    model = shaspec_tf.build_segmenter("tiny")
+    image = _volume((36, 50, 70), seed=4)  # 2 x 1 x 2 windows of 32 x 64 x 64; H shorter than the window
+    mask = np.array([0, 1, 1, 0], np.float32)
+    expected = _reference_predict(model, image, mask, (32, 64, 64), sw_batch_size=2)
+    prob = sliding_window_predict(model, image, mask, roi_size=(32, 64, 64), sw_batch_size=2)
+    np.testing.assert_allclose(prob, expected, rtol=0, atol=1e-5)
+
+
+def test_compiled_function_is_reused_across_masks_and_calls():
+    """The model is traced once per compiled function: a new mask never retraces (it is a runtime input), nor does
+    a second volume of the same size; TensorFlow's graph takes any size, JAX compiles once per new size."""
+    model = VoxelModel()
+    image = _volume((40, 50, 45))
+    masks = [np.array(m, np.float32) for m in ([1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1])]
+    first = sliding_window_predict(model, image, masks[0], roi_size=(32, 32, 32))
+    traced = len(model.calls)
+    assert traced == 2  # once symbolically for the output shape, once inside the compiled function
+    results = [sliding_window_predict(model, image, m, roi_size=(32, 32, 32)) for m in masks[1:]]
+    assert len(model.calls) == traced
+    for m, prob in zip(masks, [first] + results):
+        np.testing.assert_allclose(prob, model.direct(image, m), rtol=1e-5, atol=1e-6)
+    run = compiled_module.volume_function(model, roi_size=(32, 32, 32), num_modalities=4, overlap=1 / 3,
+                                          mode="gaussian", sigma_scale=(0.125,) * 3, sw_batch_size=4)
+    assert run is compiled_module.volume_function(model, roi_size=(32, 32, 32), num_modalities=4, overlap=1 / 3,
+                                                  mode="gaussian", sigma_scale=(0.125,) * 3, sw_batch_size=4)
+    sliding_window_predict(model, _volume((40, 50, 45), seed=9), masks[2], roi_size=(32, 32, 32))
+    assert len(model.calls) == traced
+    sliding_window_predict(model, _volume((45, 50, 40)), masks[1], roi_size=(32, 32, 32))
+    assert len(model.calls) == traced + (1 if keras.backend.backend() == "jax" else 0)
+    # Other settings are another compiled function.
+    sliding_window_predict(model, image, masks[1], roi_size=(32, 32, 32), mode="constant")
+    assert len(model.calls) > traced + 1
+
+
+def test_only_the_probabilities_come_back():
+    model = VoxelModel()  # its outputs also hold "features", as large as the tiles
+    run = compiled_module.volume_function(model, roi_size=(32, 32, 32), num_modalities=4, overlap=1 / 3,
+                                          mode="gaussian", sigma_scale=(0.125,) * 3, sw_batch_size=2)
+    out = run(_volume((40, 33, 35)), MASK, np.zeros((1, 3), np.int32))
+    assert not isinstance(out, (dict, list, tuple)) and tuple(out.shape) == (40, 33, 35, 3)
+
+
+@pytest.mark.parametrize("overlap", [1 / 3, 0.5, 0.0, 0.75])
+def test_window_rule_on_tensors_equals_the_rule_on_integers(overlap):
+    """The rule that the compiled window runs on (possibly symbolic) sizes is the one of window_starts."""
+    for roi in (16, 32, 80, 160):
+        for size in (1, 15, roi - 1, roi, roi + 1, 2 * roi + 3, 155, 240):
+            padded, count, start = window_grid(keras.ops.convert_to_tensor(size, "int32"), roi, overlap)
+            count = int(keras.ops.convert_to_numpy(count))
+            assert int(keras.ops.convert_to_numpy(padded)) == max(size, roi)
+            got = tuple(int(keras.ops.convert_to_numpy(start(keras.ops.convert_to_tensor(i, "int32"))))
+                        for i in range(count))
+            assert got == window_starts(size, roi, overlap) == _reference_starts(size, roi, overlap), (size, roi)
+
+
+def test_gaussian_map_matches_the_reference_and_the_graph_weights():
+    from shaspec_tf.inference.window import gaussian_weights
+
+    for roi, scale in (((32, 64, 64), 0.125), ((80, 160, 160), 0.125), ((33, 17, 48), 0.3)):
+        np.testing.assert_array_equal(gaussian_importance_map(roi, scale), _reference_gaussian(roi, scale))
+        graph = keras.ops.convert_to_numpy(gaussian_weights(roi, scale, xp=keras.ops, dtype="float32"))
+        np.testing.assert_allclose(graph, _reference_gaussian(roi, scale), rtol=1e-5, atol=1e-7)
+
+
+def test_one_window_rule_and_one_gaussian_in_the_tree():
+    """The window-start rule and the Gaussian weights are defined once (shaspec_tf/inference/window.py); the
+    sliding window code itself is backend-free (keras.ops only)."""
+    rule, gaussian = [], []
+    for folder in ("shaspec_tf", "benchmarks", "serving", "components", "pipeline", "scripts"):
+        for root, _, files in os.walk(os.path.join(REPO, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                    if "(1.0 - overlap)" in text or "(1 - overlap)" in text:
+                        rule.append(os.path.relpath(path, REPO))
+                    if "sigma_scale" in text and "exp(-0.5" in text:  # the window's Gaussian, not others
+                        gaussian.append(os.path.relpath(path, REPO))
+    assert rule == [os.path.join("shaspec_tf", "inference", "window.py")]
+    assert gaussian == [os.path.join("shaspec_tf", "inference", "window.py")]
+    import ast
+
+    with open(os.path.join(REPO, "shaspec_tf", "inference", "window.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "itertools", "math", "typing", "numpy", "keras"}, imported
+    data_path = {"_flip", "_blend", "window_probabilities"}
+    names = {node.id for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef) and fn.name in data_path
+             for node in ast.walk(fn) if isinstance(node, ast.Name)}
+    assert not names & {"np", "numpy", "tf", "jax"}, names & {"np", "numpy", "tf", "jax"}
 
 
 # -- labels -------------------------------------------------------------------------------------------------------
