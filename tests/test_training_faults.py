@@ -129,3 +129,24 @@ def test_sigkill_at_any_instant_then_the_same_command_ends_where_an_uninterrupte
     assert _steps(out) == [STEPS - 1, STEPS] and _partials(out) == [], "; ".join(log)
     assert fileio.read_marker(str(out))["state"] == "complete"
     print("; ".join(log))
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_the_corrected_command(brats_data, tmp_path):
+    """A crop the model cannot take fails in the first step, after the run folder was made; the corrected command
+    must start afresh there (nothing of value is in it), while a run with a checkpoint still refuses other options."""
+    from shaspec_tf.training.trainer import TrainConfig, train
+
+    out = tmp_path / "run"
+
+    def config(**kw):
+        return TrainConfig(**{**dict(task="brats", data=brats_data, out=str(out), preset="tiny", steps=2,
+                                     checkpoint_every=1, batch_size=1, run_eagerly=True), **kw})
+
+    with pytest.raises(Exception, match="bottleneck"):
+        train(config(crop_size=(16, 32, 32)))
+    assert fileio.read_marker(str(out))["state"] == "running" and not _steps(out)
+    result = train(config(crop_size=(32, 32, 32)))
+    assert result["steps"] == 2 and _steps(out) and fileio.read_marker(str(out))["state"] == "complete"
+    assert json.loads((out / "train_config.json").read_text())["crop_size"] == [32, 32, 32]
+    with pytest.raises(ValueError, match="other options"):
+        train(config(crop_size=(32, 32, 32), steps=3))

@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
+
+from shaspec_tf.fileio import MARKER
 
 RUN_KIND = "train-run"
 
@@ -248,10 +251,28 @@ def _inspect_output_folder(out: str, options: dict) -> dict:
         state = "complete" if marker.get("state") == "complete" and os.path.isfile(
             os.path.join(out, "model.weights.h5")) else "run"
     differing = _differences(saved, options)
+    if differing and state == "run" and _never_checkpointed(out):
+        # A run of ours that failed before its first checkpoint holds nothing worth keeping (its configs and an
+        # empty TensorBoard log): let the corrected command start it afresh rather than refuse it.
+        _notice(f"shaspec train: {out} holds a run that never reached a checkpoint ({'; '.join(differing)}); "
+                f"starting it afresh with these options")
+        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+        return {"state": "fresh"}
     if differing:
         raise ValueError(f"{out} holds a training run with other options ({'; '.join(differing)}); use another --out, "
                          f"or the same options to resume it")
     return {"state": state, "marker": marker}
+
+
+_NEVER_CHECKPOINTED_ENTRIES = {"model_config.json", "train_config.json", "tensorboard", "checkpoints", "history.json"}
+
+
+def _never_checkpointed(out: str) -> bool:
+    """Whether the run folder ``out`` holds nothing but what a run writes before its first checkpoint."""
+    checkpoints = os.path.join(out, "checkpoints")
+    return (set(os.listdir(out)) - {MARKER} <= _NEVER_CHECKPOINTED_ENTRIES
+            and not (os.path.isdir(checkpoints) and os.listdir(checkpoints))
+            and not os.path.exists(os.path.join(out, "model.weights.h5")))
 
 
 def _check_model_config(out: str, model_config: dict) -> None:
