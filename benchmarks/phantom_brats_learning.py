@@ -16,8 +16,9 @@ import json
 import os
 import time
 
+from shaspec_tf.tasks.brats import BRATS_REGIONS as REGIONS
+
 VARIANTS = ("shaspec", "baseline")
-REGIONS = ("ET", "WT", "TC")
 
 
 def run_name(variant: str, seed: int) -> str:

@@ -8,6 +8,9 @@ mean over the 2^M - 1 subsets and the worst subset, where a subset's score is it
 * when a blessed model exists (``baseline_model``, from TFX's latest-blessed-model resolver), neither its mean nor its
   worst subset falls more than ``max_regression`` below that model's on the same evaluation data.
 
+The thresholds have no defaults here: they come from the pipeline config (``pipeline.configs.TaskConfig``), as do
+``split`` (default: the task's evaluation split) and ``overlap`` (default: ``shaspec_tf.inference``'s).
+
 The ``evaluation`` artifact holds the candidate's report (``metrics.json``, ``metrics.csv``, ``metrics.md``,
 ``heatmap.png``; ``shaspec_tf.evaluation.write_reports``), the baseline's beside it and a side-by-side comparison when
 there is one, and ``verdict.json``. The ``blessing`` artifact carries the properties the Pusher and the resolver read
@@ -29,15 +32,12 @@ SHASPEC_FORMAT = "Format-Shaspec"     # inside a Model artifact: model_config.js
 
 
 def subset_scores(results: dict) -> dict:
-    """Subset name -> score (mean Dice over the regions, or accuracy) from ``evaluate_subsets`` results."""
-    scores = {}
-    for name in results["subsets"]:
-        row = results["summary"][name]
-        if results["task"] == "classification":
-            scores[name] = float(row["accuracy"])
-        else:
-            scores[name] = float(sum(row[r]["dice"] for r in results["columns"]) / len(results["columns"]))
-    return scores
+    """Subset name -> score from ``evaluate_subsets`` results: the task's blessing metric
+    (``Scoring.subset_score``: mean Dice over the regions, or accuracy)."""
+    from shaspec_tf.tasks import get_task
+
+    scoring = get_task(results["task"]).scoring
+    return {name: scoring.subset_score(results["summary"][name], results["columns"]) for name in results["subsets"]}
 
 
 def summarise(results: dict) -> dict:
@@ -77,18 +77,19 @@ def MissingModalityEvaluator(
         evaluation: OutputArtifact[standard_artifacts.ModelEvaluation],
         blessing: OutputArtifact[standard_artifacts.ModelBlessing],
         task: Parameter[str],
+        min_mean: Parameter[float],
+        min_worst: Parameter[float],
+        max_regression: Parameter[float],
         baseline_model: InputArtifact[standard_artifacts.Model] = None,
-        split: Parameter[str] = "",
-        min_mean: Parameter[float] = 0.0,
-        min_worst: Parameter[float] = 0.0,
-        max_regression: Parameter[float] = 0.0,
-        overlap: Parameter[float] = 1 / 3):
-    """Evaluate ``model`` on every modality subset of ``examples`` (``split``; default ``eval`` for BraTS, ``test``
-    for AV-MNIST) and bless it against the thresholds and the latest blessed ``baseline_model``."""
+        split: Parameter[str] = None,
+        overlap: Parameter[float] = None):
+    """Evaluate ``model`` on every modality subset of ``examples`` (``split``; default the task's evaluation split)
+    and bless it against the thresholds and the latest blessed ``baseline_model``."""
     from shaspec_tf.evaluation import compare_models, write_reports
-    from shaspec_tf.workflows import evaluate_trained
+    from shaspec_tf.tasks import get_task
+    from shaspec_tf.trained import evaluate_trained
 
-    split = split or ("eval" if task == "brats" else "test")
+    split = get_task(task).split(split)
     out = evaluation.uri
 
     def score(artifact, folder):

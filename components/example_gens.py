@@ -19,13 +19,13 @@ import apache_beam as beam
 from tfx import v1 as tfx
 from tfx.types import artifact_utils, standard_artifacts
 
+from shaspec_tf.tasks.avmnist import AVMNIST_SPLITS
+from shaspec_tf.tasks.brats import BRATS_SPLITS
+
 Examples = standard_artifacts.Examples
 OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 BeamComponentParameter = tfx.dsl.components.BeamComponentParameter
-
-BRATS_SPLITS = ("train", "eval")
-AVMNIST_SPLITS = ("train", "test")
 
 
 def fingerprint(paths: Iterable[str]) -> str:
@@ -83,7 +83,7 @@ def BratsExampleGen(
     """
     import time
 
-    from shaspec_tf.data.beam_brats import _manifest, read_case_log, write_cases
+    from shaspec_tf.data.beam_brats import build_manifest, read_case_log, write_cases
     from shaspec_tf.data.brats import discover_cases
 
     cases = discover_cases(input_dir)
@@ -93,7 +93,7 @@ def BratsExampleGen(
         write_cases(p, cases, uri, eval_fraction, shards, require_label, strict, crop_to_brain,
                     split_dir="Split-{split}", suffix=".gz")
     metas, rejected = read_case_log(uri)
-    manifest = _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
+    manifest = build_manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
     _write_manifest(uri, manifest)
     empty = [split for split in BRATS_SPLITS if manifest["splits"][split]["cases"] == 0]
     if empty:
@@ -107,7 +107,7 @@ def BratsExampleGen(
 @tfx.dsl.components.component(use_beam=True)
 def AvMnistExampleGen(
         examples: OutputArtifact[Examples],
-        data_dir: Parameter[str],
+        input_dir: Parameter[str],
         speakers: Parameter[str] = "jackson,nicolas,theo",
         train_indices: Parameter[str] = "15:50",
         test_indices: Parameter[str] = "5:15",
@@ -118,13 +118,13 @@ def AvMnistExampleGen(
         beam_pipeline: BeamComponentParameter[beam.Pipeline] = None):
     """AV-MNIST by the SMIL protocol (``shaspec_tf.data.avmnist``) -> ``Examples`` with ``train`` / ``test``.
 
-    ``data_dir`` holds ``mnist8k.npz`` and ``fsdd/recordings``. The pairing of recordings with MNIST images and the
+    ``input_dir`` holds ``mnist8k.npz`` and ``fsdd/recordings``. The pairing of recordings with MNIST images and the
     choice of which training samples keep their audio (``audio_rate``) are planned up front; Beam then turns each
     planned sample into a record (MFCCs of its WAV) in parallel.
     """
     from shaspec_tf.data.avmnist import avmnist_job_example, parse_indices, plan_avmnist, sources_and_speakers
 
-    mnist_npz, fsdd, names = sources_and_speakers(data_dir, speakers=speakers)
+    mnist_npz, fsdd, names = sources_and_speakers(input_dir, speakers=speakers)
     manifest, jobs = plan_avmnist(mnist_npz, fsdd, names, parse_indices(test_indices),
                                   parse_indices(train_indices), audio_rate=audio_rate, seed=seed, shards=shards)
     uri = examples.uri

@@ -9,26 +9,25 @@ should flag any record that breaks it (``shaspec_tf.data.schema``):
 * AV-MNIST ``label``: one value in 0..9;
 * ``schema_version``: the version this code writes.
 
-StatisticsGen runs over these small features only (:data:`STATS_FEATURES`): the volumes themselves are bytes.
+Each task states its rules (``shaspec_tf.tasks.Task.schema_rules``: the common features above, then its labels).
+StatisticsGen runs over the task's small features only (``Task.stats_features``): the volumes themselves are bytes.
 """
 
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
 
-from shaspec_tf.data.schema import AVMNIST_MODALITIES, BRATS_MODALITIES, SCHEMA_VERSION
+from shaspec_tf.tasks import get_task
 
 InputArtifact = tfx.dsl.components.InputArtifact
 OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 
 SCHEMA_FILE = "schema.pbtxt"
-BRATS_LABEL_VALUES = ("0", "1", "2", "4")
-STATS_FEATURES = {
-    "brats": ["schema_version", "task", "modality_mask", "present_modalities", "label_values", "has_label",
-              "spacing", "image_shape", "original_shape"],
-    "avmnist": ["schema_version", "task", "modality_mask", "present_modalities", "label", "speaker"],
-}
-MODALITIES = {"brats": BRATS_MODALITIES, "avmnist": AVMNIST_MODALITIES}
+
+
+def stats_features(task: str) -> list:
+    """The features StatisticsGen summarises for ``task`` (``Task.stats_features``)."""
+    return list(get_task(task).stats_features)
 
 
 def _feature(schema, name):
@@ -39,54 +38,41 @@ def _feature(schema, name):
     return feature
 
 
-def _strings(schema, name, values, min_count, max_count=None):
+def _apply(schema, rule) -> None:
+    """One :class:`shaspec_tf.tasks.FeatureRule`: the feature's type, domain, value count and presence."""
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    feature = _feature(schema, name)
-    feature.type = schema_pb2.BYTES
+    feature = _feature(schema, rule.name)
     feature.ClearField("domain")
-    feature.string_domain.Clear()
-    feature.string_domain.value.extend(values)
-    feature.ClearField("shape")
-    feature.value_count.min = min_count
-    if max_count is not None:
-        feature.value_count.max = max_count
-    feature.presence.min_fraction = 1.0
-    feature.presence.min_count = 1
-
-
-def _ints(schema, name, low, high, count=None):
-    from tensorflow_metadata.proto.v0 import schema_pb2
-
-    feature = _feature(schema, name)
-    feature.type = schema_pb2.INT
-    feature.ClearField("domain")
-    feature.int_domain.min, feature.int_domain.max = low, high
-    if count is not None:
+    if rule.ints is None:
+        feature.type = schema_pb2.BYTES
+        feature.string_domain.Clear()
+        feature.string_domain.value.extend(rule.strings)
+    else:
+        feature.type = schema_pb2.INT
+        feature.int_domain.min, feature.int_domain.max = rule.ints
+    if rule.min_count is not None or rule.max_count is not None:
         feature.ClearField("shape")
-        feature.value_count.min = feature.value_count.max = count
+        if rule.min_count is not None:
+            feature.value_count.min = rule.min_count
+        if rule.max_count is not None:
+            feature.value_count.max = rule.max_count
     feature.presence.min_fraction = 1.0
     feature.presence.min_count = 1
+    if rule.min_fraction != 1.0:
+        feature.presence.min_fraction = rule.min_fraction
 
 
 def curate_schema(schema, task: str):
-    """Apply the contract's rules for ``task`` (``brats`` / ``avmnist``) to a ``schema_pb2.Schema`` in place."""
-    if task not in MODALITIES:
-        raise ValueError(f"unknown task {task!r}: expected one of {sorted(MODALITIES)}")
-    modalities = MODALITIES[task]
+    """Apply the contract's rules for ``task`` (``Task.schema_rules``) to a ``schema_pb2.Schema`` in place."""
+    rules = get_task(task).schema_rules()
     # Drop top-level domains the inference made for features we now describe inline.
-    keep = [d for d in schema.string_domain if d.name not in ("present_modalities", "label_values", "task")]
+    inline = {rule.name for rule in rules if rule.ints is None}
+    keep = [d for d in schema.string_domain if d.name not in inline]
     del schema.string_domain[:]
     schema.string_domain.extend(keep)
-    _strings(schema, "present_modalities", modalities, 1, len(modalities))
-    _strings(schema, "task", [task], 1, 1)
-    _ints(schema, "modality_mask", 0, 1, len(modalities))
-    _ints(schema, "schema_version", SCHEMA_VERSION, SCHEMA_VERSION, 1)
-    if task == "brats":
-        _strings(schema, "label_values", BRATS_LABEL_VALUES, 0, len(BRATS_LABEL_VALUES))
-        _feature(schema, "label_values").presence.min_fraction = 0.0   # an unlabelled case has none
-    else:
-        _ints(schema, "label", 0, 9, 1)
+    for rule in rules:
+        _apply(schema, rule)
     return schema
 
 

@@ -7,10 +7,11 @@
 * the run folder (``fn_args.model_run_dir``, a ``ModelRun`` artifact): checkpoints, TensorBoard logs,
   ``history.json`` and ``learning_curves.png``.
 
-Everything about the run comes from ``custom_config`` (built by ``pipeline.configs``): ``task``, ``preset``,
-``variant``, ``batch_size``, ``crop_size``, ``warmup_steps``, ``learning_rate``, ``strategy``, ``mixed_precision``,
-``xla``, ``audio_rate``, ``model_options``, ``seed``, ``checkpoint_every``, ``epochs``; the number of steps is the
-Trainer's ``train_args.num_steps`` (when ``epochs`` is not given).
+Everything about the run comes from ``custom_config`` (``pipeline.configs.TaskConfig.train_custom_config``): the
+``task`` and the ``TrainConfig`` options the branch sets, under ``TrainConfig``'s names (``steps`` or ``epochs``,
+``preset``, ``jit_compile``, ``run_eagerly``, ...; the others keep ``TrainConfig``'s and the task's defaults), and
+the exporter's ``overlap`` when set (default: ``shaspec_tf.inference``'s). Keys that are not ``TrainConfig``'s
+(Vertex AI's job settings) stay with the orchestrator.
 """
 from __future__ import annotations
 
@@ -46,21 +47,15 @@ def _unversion_manifest(saved_model: str) -> None:
 
 def run_fn(fn_args) -> None:
     from shaspec_tf.export import export_model
+    from shaspec_tf.tasks import get_task
     from shaspec_tf.training.trainer import TrainConfig, train
-    from shaspec_tf.workflows import load_trained
+    from shaspec_tf.trained import load_trained
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "data", "out"}
     config = dict(fn_args.custom_config or {})
-    task = config.pop("task")
-    epochs = config.pop("epochs", None)
-    crop = config.pop("crop_size", None)
-    train_config = TrainConfig(
-        task=task, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
-        steps=None if epochs else int(fn_args.train_steps), epochs=epochs,
-        crop_size=tuple(crop) if crop else None, jit_compile=bool(config.pop("xla", False)),
-        # keys that are not TrainConfig's (Vertex AI's job settings) stay with the orchestrator
-        **{k: v for k, v in config.items() if k in fields})
-    train(train_config)
+    task = get_task(config["task"])
+    train(TrainConfig(task=task.name, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
+                      **{k: v for k, v in config.items() if k in fields}))
 
     model_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir.rstrip("/")), SHASPEC_FORMAT)
     os.makedirs(model_dir, exist_ok=True)
@@ -72,7 +67,11 @@ def run_fn(fn_args) -> None:
     # a scratch base beside it, then move that version into place.
     scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(fn_args.serving_model_dir.rstrip("/")))
     try:
-        version = export_model(load_trained(model_dir), scratch, "model", 1, source=model_dir)
+        model = load_trained(model_dir)
+        # the exporter's sliding window: the task's inference settings (overlap: the config's, when it sets one)
+        window = {k: v for k, v in task.inference_options(model.shaspec_config, overlap=config.get("overlap")).items()
+                  if k in ("overlap", "sigma_scale")}
+        version = export_model(model, scratch, "model", 1, source=model_dir, **window)
         _unversion_manifest(version)
         if os.path.exists(fn_args.serving_model_dir):
             shutil.rmtree(fn_args.serving_model_dir)

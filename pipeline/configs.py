@@ -7,64 +7,100 @@ run side by side in one pipeline, each with its own example gen, validation, Tra
 :func:`embedded_default` is the README's main job on one machine: phantom BraTS at a small shape (generated into
 the work folder) and the real AV-MNIST (``$SHASPEC_DATA``, else ``../shared/data``). :func:`tiny` is the same at test
 size. Both read ``SHASPEC_PIPELINE_ROOT`` (default ``./shaspec_pipeline``) for where everything goes.
+
+Every default is written once. The training fields of :class:`TaskConfig` are ``TrainConfig``'s, under its names
+(``steps``, ``jit_compile``, ``run_eagerly``, ...); ``None`` leaves an option to ``TrainConfig`` or the task
+(``shaspec_tf.tasks``), and the Trainer's ``run_fn`` builds its ``TrainConfig`` from exactly the fields given. The
+evaluation fields reach the evaluator under the same names (``overlap`` the exporter too); the components define
+no defaults of their own for them.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-TASKS = ("brats", "avmnist")
+from shaspec_tf.tasks import get_task, task_names
+
+TASKS = task_names()
+# TaskConfig fields that are not shaspec_tf.training.trainer.TrainConfig's
+PIPELINE_FIELDS = ("task", "input_dir", "model_name", "example_gen", "eval_split", "min_mean", "min_worst",
+                   "max_regression", "overlap")
 
 
 @dataclass
 class TaskConfig:
     """One branch of the pipeline: data -> validation -> Trainer -> evaluator -> Pusher."""
 
-    task: str                                   # "brats" or "avmnist"
+    task: str                                   # a task name (shaspec_tf.tasks), e.g. "brats" or "avmnist"
     input_dir: str                              # BraTS case folders; AV-MNIST: mnist8k.npz + fsdd/recordings
     model_name: str = ""                        # TF Serving model name (default: shaspec-<task>)
-    example_gen: dict = field(default_factory=dict)   # extra example-gen parameters (eval_fraction, speakers, ...)
-    # Training (shaspec_tf.training.TrainConfig fields)
+    example_gen: dict = field(default_factory=dict)   # extra example-gen parameters (eval_fraction, audio_rate, ...)
+    # Training: shaspec_tf.training.trainer.TrainConfig's fields and names; None = TrainConfig's or the task's default
     preset: Optional[str] = None
-    variant: str = "shaspec"
-    train_steps: Optional[int] = 200
+    variant: Optional[str] = None
+    steps: Optional[int] = 200                  # exactly one of steps and epochs
     epochs: Optional[int] = None
+    checkpoint_every: Optional[int] = None
     batch_size: Optional[int] = None
     crop_size: Optional[Sequence[int]] = None
-    warmup_steps: int = 0
+    regime: Optional[str] = None
+    subset: Optional[str] = None
+    warmup_steps: Optional[int] = None
+    ramp_steps: Optional[int] = None
+    drop_rate: Optional[float] = None
     learning_rate: Optional[float] = None
-    audio_rate: Optional[float] = None
-    checkpoint_every: int = 100
-    strategy: str = "default"                   # "default", "mirrored", "multi_worker"
-    mixed_precision: str = "off"
-    xla: bool = False
-    eager: bool = False                         # run the train step eagerly (tiny CPU runs: no graph tracing)
-    seed: int = 0
+    schedule: Optional[str] = None
+    optimizer: Optional[str] = None
+    weight_decay: Optional[float] = None
+    mixed_precision: Optional[str] = None
+    jit_compile: Optional[bool] = None
+    run_eagerly: Optional[bool] = None          # True: eager train steps (tiny CPU runs: no graph tracing)
+    strategy: Optional[str] = None              # "default", "mirrored", "multi_worker"
+    audio_rate: Optional[float] = None          # training-time audio limit (the example gen's is example_gen's)
+    seed: Optional[int] = None
     model_options: dict = field(default_factory=dict)
-    # Evaluation and blessing (components.evaluator)
-    eval_split: str = ""
+    deterministic: Optional[bool] = None
+    # Evaluation and blessing (components.evaluator); the exporter gets overlap too
+    eval_split: str = ""                        # empty: the task's evaluation split
     min_mean: float = 0.0
     min_worst: float = 0.0
+    # 0.05: a retrained model may score up to 5 points (mean or worst subset) below the blessed one and still be
+    # pushed. The evaluation sets are small (300 AV-MNIST test samples, a handful of phantom cases), so two equally
+    # good trainings differ by a few points by chance; with 0.0 the push would hinge on that noise.
     max_regression: float = 0.05
+    overlap: Optional[float] = None             # sliding-window overlap; None: shaspec_tf.inference's default
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}: expected one of {TASKS}")
-        if (self.train_steps is None) == (self.epochs is None):
-            raise ValueError(f"{self.task}: give exactly one of train_steps and epochs")
+        if self.task not in task_names():
+            raise ValueError(f"unknown task {self.task!r}: expected one of {', '.join(task_names())}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"{self.task}: give exactly one of steps and epochs")
         self.model_name = self.model_name or f"shaspec-{self.task}"
 
+    def train_options(self) -> dict:
+        """The ``TrainConfig`` options this branch sets (every training field that is not ``None``)."""
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PIPELINE_FIELDS}
+        options["crop_size"] = list(self.crop_size) if self.crop_size else None
+        options["model_options"] = dict(self.model_options) or None
+        return {k: v for k, v in options.items() if v is not None}
+
     def train_custom_config(self) -> dict:
-        """What the Trainer's ``run_fn`` (``components.trainer_module``) receives."""
-        config = {"task": self.task, "preset": self.preset, "variant": self.variant, "batch_size": self.batch_size,
-                  "crop_size": list(self.crop_size) if self.crop_size else None, "warmup_steps": self.warmup_steps,
-                  "learning_rate": self.learning_rate, "audio_rate": self.audio_rate,
-                  "checkpoint_every": self.checkpoint_every, "strategy": self.strategy,
-                  "mixed_precision": self.mixed_precision, "xla": self.xla, "run_eagerly": self.eager,
-                  "seed": self.seed,
-                  "model_options": dict(self.model_options), "epochs": self.epochs}
-        return {k: v for k, v in config.items() if v is not None}
+        """What the Trainer's ``run_fn`` (``components.trainer_module``) receives: the task, the training options
+        under ``TrainConfig``'s names, and the exporter's ``overlap`` when set."""
+        config = {"task": self.task, **self.train_options()}
+        if self.overlap is not None:
+            config["overlap"] = float(self.overlap)
+        return config
+
+    def evaluator_options(self) -> dict:
+        """The evaluator's parameters (``components.evaluator.MissingModalityEvaluator``)."""
+        options = {"task": self.task, "split": get_task(self.task).split(self.eval_split),
+                   "min_mean": float(self.min_mean), "min_worst": float(self.min_worst),
+                   "max_regression": float(self.max_regression)}
+        if self.overlap is not None:
+            options["overlap"] = float(self.overlap)
+        return options
 
 
 @dataclass
@@ -132,28 +168,35 @@ def phantom_dir(root: str) -> str:
 def embedded_default(root: Optional[str] = None) -> PipelineConfig:
     """The README's main job: phantom BraTS (``small`` preset) and the real AV-MNIST, about 10 minutes on 2 cores."""
     root = root or default_root()
-    return PipelineConfig(name="shaspec", root=root, tasks=[
-        TaskConfig(task="brats", input_dir=phantom_dir(root), preset="small", train_steps=300, warmup_steps=100,
-                   crop_size=(32, 64, 64), batch_size=2, checkpoint_every=100,
-                   example_gen={"eval_fraction": 0.2}, min_mean=0.15, min_worst=0.1),
-        TaskConfig(task="avmnist", input_dir=avmnist_data_dir(), preset="avmnist", train_steps=None, epochs=15,
-                   checkpoint_every=100, min_mean=0.7, min_worst=0.4),
-    ])
+    return PipelineConfig(name="shaspec", root=root, tasks=[_branch(name, root, EMBEDDED) for name in EMBEDDED])
 
 
-def tiny(root: str, tasks: Sequence[str] = TASKS, **task_overrides) -> PipelineConfig:
+# The branches of each size, by task: their inputs (a function of the pipeline root) and settings. A task missing
+# here is a TaskConfig the caller writes itself.
+INPUTS = {"brats": phantom_dir, "avmnist": lambda root: avmnist_data_dir()}
+EMBEDDED = {
+    "brats": dict(preset="small", steps=300, warmup_steps=100, crop_size=(32, 64, 64), batch_size=2,
+                  example_gen={"eval_fraction": 0.2}, min_mean=0.15, min_worst=0.1),
+    "avmnist": dict(preset="avmnist", steps=None, epochs=15, min_mean=0.7, min_worst=0.4),
+}
+TINY = {
+    "brats": dict(preset="tiny", steps=4, crop_size=(32, 64, 64), batch_size=1, checkpoint_every=4,
+                  run_eagerly=True, example_gen={"eval_fraction": 0.34}),
+    "avmnist": dict(preset="avmnist-tiny", steps=6, batch_size=16, checkpoint_every=6, run_eagerly=True,
+                    example_gen={"speakers": "theo", "train_indices": "15:20", "test_indices": "5:7"}),
+}
+
+
+def _branch(name: str, root: str, sizes: dict, **overrides) -> TaskConfig:
+    task = get_task(name).name
+    if task not in sizes:
+        raise ValueError(f"no {task} branch of this size is defined: expected one of {', '.join(sizes)}")
+    return TaskConfig(task=task, input_dir=INPUTS[task](root), **{**sizes[task], **overrides})
+
+
+def tiny(root: str, tasks: Sequence[str] = tuple(TINY), **task_overrides) -> PipelineConfig:
     """Test size: tiny presets, a few steps, a handful of cases and recordings."""
-    made = []
-    for name in tasks:
-        if name == "brats":
-            task = TaskConfig(task="brats", input_dir=phantom_dir(root), preset="tiny", train_steps=4,
-                              crop_size=(32, 64, 64), batch_size=1, checkpoint_every=4, eager=True,
-                              example_gen={"eval_fraction": 0.34})
-        else:
-            task = TaskConfig(task="avmnist", input_dir=avmnist_data_dir(), preset="avmnist-tiny", train_steps=6,
-                              batch_size=16, checkpoint_every=6, eager=True,
-                              example_gen={"speakers": "theo", "train_indices": "15:20", "test_indices": "5:7"})
-        made.append(replace(task, **task_overrides.get(name, {})))
+    made = [_branch(name, root, TINY, **task_overrides.get(name, {})) for name in tasks]
     return PipelineConfig(name="shaspec-tiny", root=root, tasks=made, beam_pipeline_args=local_beam_args(1))
 
 

@@ -31,11 +31,10 @@ def cloud_config(root: str, image: str, project: str, region: str, brats_input: 
     beam = (dataflow_beam_args(project, region, f"{root.rstrip('/')}/tmp") if dataflow
             else ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=0"])
     tasks = [
-        TaskConfig(task="brats", input_dir=brats_input, preset="paper", train_steps=brats_steps, warmup_steps=0,
-                   batch_size=1, checkpoint_every=1000, strategy=strategy, mixed_precision="off",
-                   min_mean=0.5, min_worst=0.2),
-        TaskConfig(task="avmnist", input_dir=avmnist_input, preset="avmnist", train_steps=None,
-                   epochs=avmnist_epochs, strategy=strategy, min_mean=0.9, min_worst=0.5),
+        TaskConfig(task="brats", input_dir=brats_input, preset="paper", steps=brats_steps, batch_size=1,
+                   checkpoint_every=1000, strategy=strategy, min_mean=0.5, min_worst=0.2),
+        TaskConfig(task="avmnist", input_dir=avmnist_input, preset="avmnist", steps=None, epochs=avmnist_epochs,
+                   strategy=strategy, min_mean=0.9, min_worst=0.5),
     ]
     return PipelineConfig(name="shaspec", root=root, tasks=tasks, metadata_path="", beam_pipeline_args=beam,
                           image=image, trainer_machine_type=machine_type, trainer_accelerator_type=accelerator,

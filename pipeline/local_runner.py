@@ -1,9 +1,9 @@
 """Run the shaspec-tf pipeline on this machine: LocalDagRunner, SQLite metadata, Beam DirectRunner.
 
-    python pipeline/local_runner.py [--root DIR] [--tiny] [--tasks brats,avmnist] [--no-cache]
+    python pipeline/local_runner.py [--root DIR] [--tiny] [--tasks brats,avmnist] [--no-cache] [--verbose]
 
-or through the TFX command line (``SHASPEC_PIPELINE_ROOT``, ``SHASPEC_PIPELINE_SIZE=tiny`` and
-``SHASPEC_PIPELINE_TASKS`` choose what the flags do)::
+or through the TFX command line (``SHASPEC_PIPELINE_ROOT``, ``SHASPEC_PIPELINE_SIZE=tiny``,
+``SHASPEC_PIPELINE_TASKS`` and ``SHASPEC_VERBOSE=1`` choose what the flags do)::
 
     tfx pipeline create --engine local --pipeline_path pipeline/local_runner.py
     tfx run create --engine local --pipeline_name shaspec
@@ -11,6 +11,10 @@ or through the TFX command line (``SHASPEC_PIPELINE_ROOT``, ``SHASPEC_PIPELINE_S
 The embedded default generates phantom BraTS cases into ROOT/data (once) and reads the real AV-MNIST from
 ``$SHASPEC_DATA`` or ``../shared/data``. A second run with unchanged inputs reuses every cached artifact. At the end
 it prints where the pushed models and the evaluation reports are.
+
+The log is quiet by default: TensorFlow's C++ log (the ``Unable to register cuDNN factory`` lines of a CPU run, in
+this process and in Beam's workers), absl's and Beam's warnings and FutureWarnings are hidden (see
+:mod:`shaspec_tf.logs`); ``--verbose`` shows them.
 """
 from __future__ import annotations
 
@@ -23,9 +27,16 @@ import warnings
 if __package__ in (None, ""):  # run as a script or by the TFX CLI: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")   # Beam worker processes
+
+def configure_logging(verbose: bool = False) -> None:
+    """Quiet (default) or verbose logs for this run and Beam's worker processes (:func:`shaspec_tf.logs.configure`);
+    quiet also hides the FutureWarnings of TFX, Beam and their dependencies. Call it before TensorFlow, TFX or Beam
+    is imported: :func:`main` does so first."""
+    from shaspec_tf import logs
+
+    logs.configure(verbose)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def ensure_phantoms(config, size: str) -> None:
@@ -34,7 +45,8 @@ def ensure_phantoms(config, size: str) -> None:
     from shaspec_tf.data.phantom import write_phantom_dataset
 
     for t in config.tasks:
-        if t.task == "brats" and os.path.abspath(t.input_dir) == os.path.abspath(phantom_dir(config.root)):
+        # The phantom folder of the root holds generated BraTS-layout cases, whichever branch reads it.
+        if os.path.abspath(t.input_dir) == os.path.abspath(phantom_dir(config.root)):
             if not os.path.exists(os.path.join(t.input_dir, "phantoms.json")) or \
                     len([d for d in os.listdir(t.input_dir) if not d.startswith(".")]) <= PHANTOM_CASES[size]:
                 write_phantom_dataset(t.input_dir, PHANTOM_CASES[size], shape=PHANTOM_SHAPE[size],
@@ -87,6 +99,10 @@ def summary(config, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
+    from shaspec_tf import logs
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configure_logging("--verbose" in argv or logs.verbose_default())  # before anything imports TensorFlow
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=None, help="pipeline root (default: $SHASPEC_PIPELINE_ROOT or "
                                                      "./shaspec_pipeline)")
@@ -94,6 +110,9 @@ def main(argv=None) -> int:
                         help="test-size data and models")
     parser.add_argument("--tasks", default=os.environ.get("SHASPEC_PIPELINE_TASKS", "brats,avmnist"))
     parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--verbose", action="store_true", default=logs.verbose_default(),
+                        help=f"show TensorFlow's C++ log and the warnings of absl (TFX), Beam and Python (default: "
+                             f"quiet; ${logs.VERBOSE_ENV}=1 sets it)")
     args = parser.parse_args(argv)
     size = "tiny" if args.tiny else "embedded"
     config = make_config(args.root, size, [t for t in args.tasks.split(",") if t])

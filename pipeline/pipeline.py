@@ -21,8 +21,9 @@ from tfx import v1 as tfx
 from components.evaluator import MissingModalityEvaluator
 from components.example_gens import AvMnistExampleGen, BratsExampleGen, fingerprint
 from components.pusher import Pusher
-from components.schema_curation import STATS_FEATURES, CurateSchema
+from components.schema_curation import CurateSchema
 from pipeline.configs import PipelineConfig, TaskConfig
+from shaspec_tf.tasks import get_task
 
 RUN_FN = "components.trainer_module.run_fn"
 
@@ -30,15 +31,19 @@ RUN_FN = "components.trainer_module.run_fn"
 def _stats_options(task: str):
     import tensorflow_data_validation as tfdv
 
-    return tfdv.StatsOptions(feature_allowlist=STATS_FEATURES[task])
+    return tfdv.StatsOptions(feature_allowlist=list(get_task(task).stats_features))
+
+
+# The TFX example gen of each task: the pipeline (the app) knows its components; the library's tasks do not.
+EXAMPLE_GENS = {"brats": BratsExampleGen, "avmnist": AvMnistExampleGen}
 
 
 def _example_gen(t: TaskConfig):
-    params = dict(t.example_gen)
-    if t.task == "brats":
-        return BratsExampleGen(input_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]), **params)
-    return AvMnistExampleGen(data_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]),
-                             audio_rate=1.0 if t.audio_rate is None else float(t.audio_rate), **params)
+    """The task's example gen on ``t.input_dir``, with the branch's ``example_gen`` parameters."""
+    name = get_task(t.task).name
+    if name not in EXAMPLE_GENS:
+        raise ValueError(f"task {name!r} has no example gen in pipeline.pipeline.EXAMPLE_GENS")
+    return EXAMPLE_GENS[name](input_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]), **dict(t.example_gen))
 
 
 def _trainer(t: TaskConfig, config: PipelineConfig, cloud: bool, **inputs):
@@ -78,7 +83,7 @@ def _trainer(t: TaskConfig, config: PipelineConfig, cloud: bool, **inputs):
 def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) -> List:
     """The components of one task's branch, in order (``cloud``: the Trainer gets the configured GPU)."""
     suffix = t.task
-    eval_split = t.eval_split or ("eval" if t.task == "brats" else "test")
+    evaluation = t.evaluator_options()
     example_gen = _example_gen(t).with_id(f"ExampleGen.{suffix}")
     statistics = tfx.components.StatisticsGen(
         examples=example_gen.outputs["examples"], stats_options=_stats_options(t.task)).with_id(
@@ -89,8 +94,9 @@ def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) 
         statistics=statistics.outputs["statistics"], schema=schema.outputs["curated"]).with_id(
         f"ExampleValidator.{suffix}")
     trainer = _trainer(t, config, cloud, examples=example_gen.outputs["examples"], schema=schema.outputs["curated"],
-                       train_args=tfx.proto.TrainArgs(splits=["train"], num_steps=t.train_steps or 0),
-                       eval_args=tfx.proto.EvalArgs(splits=[eval_split], num_steps=0)).with_id(f"Trainer.{suffix}")
+                       train_args=tfx.proto.TrainArgs(splits=[get_task(t.task).train_split], num_steps=t.steps or 0),
+                       eval_args=tfx.proto.EvalArgs(splits=[evaluation["split"]], num_steps=0)
+                       ).with_id(f"Trainer.{suffix}")
     resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=trainer.id,
@@ -100,8 +106,7 @@ def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) 
                                        output_key="blessing")).with_id(f"LatestBlessedModelResolver.{suffix}")
     evaluator = MissingModalityEvaluator(
         examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
-        baseline_model=resolver.outputs["model"], task=t.task, split=eval_split, min_mean=t.min_mean,
-        min_worst=t.min_worst, max_regression=t.max_regression).with_id(f"MissingModalityEvaluator.{suffix}")
+        baseline_model=resolver.outputs["model"], **evaluation).with_id(f"MissingModalityEvaluator.{suffix}")
     pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(

@@ -30,17 +30,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from shaspec_tf.data.masks import all_subsets, subset_name
-from shaspec_tf.metrics import (BRATS_EMPTY_POLICY, BRATS_LABEL_REGIONS, HD95_EMPTY_POLICY, HD95_METHOD,
-                                HD95_POOLED_METHOD, accuracy,
-                                region_metrics)
+from shaspec_tf.data.masks import resolve_subsets
+from shaspec_tf.tasks import all_tasks, get_task
+from shaspec_tf.tasks.scoring import ACCURACY_POLICY, MEAN_KEY, MEAN_POLICY, csv_cell, fmt  # noqa: F401 (re-export)
 
-TASKS = ("segmentation", "classification")
-MEAN_KEY = "mean"
 MEAN_LABEL = "Average"
-MEAN_POLICY = "Average = mean of the subset means (every subset weighs the same)"
-ACCURACY_POLICY = "Accuracy pools every sample of a subset (correct / total)"
-DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T2", "image": "Image", "audio": "Audio"}
 
 REPORT_KIND = "evaluation-report"  # the fileio marker kind of a folder written by write_report_folder
 
@@ -51,35 +45,6 @@ __all__ = ["REPORT_KIND", "check_report_folder", "compare_models", "evaluate_sub
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
-
-def _resolve_subsets(subsets, modalities) -> list:
-    """``None`` | names | 0/1 masks | (name, mask) pairs -> ``(name, mask)`` pairs in ``all_subsets`` order."""
-    canonical = all_subsets(modalities)
-    if subsets is None:
-        return canonical
-    order = {name: k for k, (name, _) in enumerate(canonical)}
-    chosen = {}
-    for item in subsets:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            item = item[1]
-        if isinstance(item, str):
-            parts = item.split("+")
-            unknown = [p for p in parts if p not in modalities]
-            if unknown or not parts:
-                raise ValueError(f"subset {item!r} names unknown modalities {unknown}; "
-                                 f"modalities are {list(modalities)}")
-            mask = np.array([m in parts for m in modalities], dtype=np.float32)
-        else:
-            mask = np.asarray(item, dtype=np.float32).reshape(-1)
-            if mask.shape != (len(modalities),):
-                raise ValueError(f"subset mask {item!r} does not have one entry per modality {list(modalities)}")
-            mask = (mask > 0).astype(np.float32)
-        name = subset_name(mask, modalities)
-        chosen[name] = canonical[order[name]]
-    if not chosen:
-        raise ValueError("no subsets to evaluate")
-    return sorted(chosen.values(), key=lambda pair: order[pair[0]])
-
 
 def _case_id(index: int, case, seen: set) -> str:
     case_id = None
@@ -92,13 +57,8 @@ def _case_id(index: int, case, seen: set) -> str:
     return case_id
 
 
-def _nanmean(values) -> float:
-    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterable, modalities: Sequence[str],
-                     subsets=None, progress: bool = True, task: str = "segmentation", spacing=(1.0, 1.0, 1.0),
+                     subsets=None, progress: bool = True, task: str = "segmentation", spacing=None,
                      empty_penalty: float | None = None, regions: Mapping | None = None,
                      hd_method: str = "max") -> dict:
     """Score ``predict_fn`` on every case under every modality subset.
@@ -113,11 +73,13 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         modalities: modality names in mask order, e.g. ``("flair", "t1", "t1ce", "t2")``.
         subsets: ``None`` (all 2^M - 1) or subset names (``"flair+t1ce"``), 0/1 masks or ``(name, mask)`` pairs.
         progress: print one line per case to stderr.
-        task: ``"segmentation"`` (Dice and HD95 per region) or ``"classification"`` (accuracy).
-        spacing: voxel size in mm when a case has no ``"spacing"``.
+        task: a task name or kind (:func:`shaspec_tf.tasks.get_task`): its scoring decides the metrics
+            (``"segmentation"``, ``"brats"``: Dice and HD95 per region; ``"classification"``, ``"avmnist"``:
+            accuracy). The results name the task's kind.
+        spacing: voxel size in mm when a case has no ``"spacing"`` (default: 1 mm along every axis).
         empty_penalty: HD95 when exactly one of prediction/reference is empty (default ``None``: NaN, left out of the
             means and counted under ``"hd95_undefined"``).
-        regions: region name -> label values (default ``BRATS_LABEL_REGIONS``: ET {4}, WT {1, 2, 4}, TC {1, 4}).
+        regions: region name -> label values (default: the task's, for BraTS ET {4}, WT {1, 2, 4}, TC {1, 4}).
         hd_method: ``"pooled"`` or ``"max"``, see :func:`shaspec_tf.metrics.hd95`.
 
     Returns:
@@ -127,15 +89,15 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         ``["accuracy"]``), ``"metrics"``, ``"case_ids"``, ``"n_cases"``, ``"hd95_undefined"`` (subset -> region ->
         number of cases left out of the HD95 mean), ``"policy"`` (the empty-mask and averaging rules, as text).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    task = get_task(task)
+    scoring = task.scoring
     modalities = tuple(modalities)
     if MEAN_KEY in modalities:
         raise ValueError(f"a modality may not be called {MEAN_KEY!r}")
-    chosen = _resolve_subsets(subsets, modalities)
+    chosen = resolve_subsets(subsets, modalities)
     names = [name for name, _ in chosen]
-    regions = dict(BRATS_LABEL_REGIONS if regions is None else regions)
-    columns = list(regions) if task == "segmentation" else ["accuracy"]
+    regions = dict(scoring.default_regions() if regions is None else regions)
+    columns = scoring.columns(regions)
     per_case = {name: {} for name in names}
     case_ids: list = []
     seen: set = set()
@@ -148,15 +110,9 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         for name, mask in chosen:
             prediction = predict_fn(case, mask.copy())
             try:
-                if task == "segmentation":
-                    per_case[name][case_id] = region_metrics(
-                        prediction, case["labels"], case.get("spacing", spacing) if isinstance(case, Mapping)
-                        else spacing, empty_penalty=empty_penalty, regions=regions, hd_method=hd_method)
-                else:
-                    label = np.asarray(case["label"])
-                    per_case[name][case_id] = {"accuracy": accuracy(prediction, label),
-                                               "count": int(label.size)}
-                    per_case[name][case_id]["correct"] = int(round(per_case[name][case_id]["accuracy"] * label.size))
+                per_case[name][case_id] = scoring.score_case(prediction, case, spacing=spacing,
+                                                             empty_penalty=empty_penalty, regions=regions,
+                                                             hd_method=hd_method)
             except (KeyError, ValueError) as error:
                 raise type(error)(f"case {case_id!r}, subset {name!r}: {error}") from error
         if progress:
@@ -166,36 +122,13 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
     if not case_ids:
         raise ValueError("no cases to evaluate")
 
-    summary: dict = {}
-    undefined: dict = {}
-    if task == "segmentation":
-        for name in names:
-            scores = per_case[name].values()
-            summary[name] = {r: {"dice": float(np.mean([s[r]["dice"] for s in scores])),
-                                 "hd95": _nanmean(s[r]["hd95"] for s in scores)} for r in columns}
-            undefined[name] = {r: int(sum(math.isnan(s[r]["hd95"]) for s in scores)) for r in columns}
-        summary[MEAN_KEY] = {r: {"dice": float(np.mean([summary[n][r]["dice"] for n in names])),
-                                 "hd95": _nanmean(summary[n][r]["hd95"] for n in names)} for r in columns}
-        metric_names = ["dice", "hd95"]
-    else:
-        for name in names:
-            scores = per_case[name].values()
-            summary[name] = {"accuracy": sum(s["correct"] for s in scores) / sum(s["count"] for s in scores)}
-        summary[MEAN_KEY] = {"accuracy": float(np.mean([summary[n]["accuracy"] for n in names]))}
-        metric_names = ["accuracy"]
+    summary, undefined = scoring.summarise(per_case, names, columns)
     if progress:
         print(f"evaluated {len(case_ids)} cases x {len(names)} subsets in {time.time() - start:.1f} s",
               file=sys.stderr, flush=True)
-    policy = {"mean": MEAN_POLICY}
-    if task == "segmentation":
-        policy.update(dice=BRATS_EMPTY_POLICY, hd95=HD95_EMPTY_POLICY if empty_penalty is None else
-                      f"HD95: both masks empty -> 0 mm; exactly one mask empty -> {empty_penalty:g} mm",
-                      hd95_method=HD95_METHOD if hd_method == "max" else HD95_POOLED_METHOD,
-                      regions={r: list(v) for r, v in regions.items()})
-    else:
-        policy.update(accuracy=ACCURACY_POLICY)
-    return {"task": task, "modalities": list(modalities), "subsets": names, "columns": columns,
-            "metrics": metric_names, "case_ids": case_ids, "n_cases": len(case_ids), "summary": summary,
+    policy = {"mean": MEAN_POLICY, **scoring.policy(empty_penalty, hd_method, regions)}
+    return {"task": task.kind, "modalities": list(modalities), "subsets": names, "columns": columns,
+            "metrics": list(scoring.metrics), "case_ids": case_ids, "n_cases": len(case_ids), "summary": summary,
             "per_case": per_case, "hd95_undefined": undefined, "empty_penalty": empty_penalty, "policy": policy}
 
 
@@ -246,7 +179,11 @@ def _write_json(path: str, value) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _display(modality: str) -> str:
-    return DISPLAY_NAMES.get(modality, modality)
+    """A modality's name in table headers (the first task that has it says how; else as it is)."""
+    for task in all_tasks():
+        if modality in task.modalities and task.modality_titles:
+            return task.modality_titles[task.modalities.index(modality)]
+    return modality
 
 
 def _row_keys(results) -> list:
@@ -257,16 +194,15 @@ def _row_label(key: str) -> str:
     return MEAN_LABEL if key == MEAN_KEY else key
 
 
+def _scoring(results):
+    """The scoring of the task the results name (their ``"task"``: a kind, or a name)."""
+    return get_task(results["task"]).scoring
+
+
 def _value(results, key: str, column: str, metric: str) -> float:
-    row = results["summary"][key]
-    value = row[column][metric] if results["task"] == "segmentation" else row[metric]
+    value = _scoring(results).value(results["summary"][key], column, metric)
     return float("nan") if value is None else float(value)
 
-
-def _fmt(value: float, percent: bool) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{100.0 * value:.2f}" if percent else f"{value:.2f}"
 
 
 def _presence(results, key: str) -> list:
@@ -283,59 +219,25 @@ def _table(header: list, rows: list) -> list:
 
 
 def _footer(results, daggers: bool = True) -> list:
-    policy = results.get("policy", {})
-    lines = ["", f"*{results['n_cases']} cases per subset. {MEAN_POLICY}.*"]
-    if results["task"] == "segmentation":
-        regions = policy.get("regions", {r: list(v) for r, v in BRATS_LABEL_REGIONS.items()})
-        lines.append("*Regions: " + ", ".join(f"{r} = {{{', '.join(str(v) for v in vals)}}}"
-                                              for r, vals in regions.items()) + ".*")
-        lines.append(f"*Empty-mask policy: {BRATS_EMPTY_POLICY}; an empty prediction against a non-empty reference "
-                     f"scores 0. {policy.get('hd95', HD95_EMPTY_POLICY)}.*")
-        lines.append(f"*{policy.get('hd95_method', HD95_METHOD)}.*")
-        if results.get("empty_penalty") is None:
-            lines.append("*HD95 means leave out the undefined cases (n/a: undefined for every case), so they can look "
-                         "better than the Dice; evaluate with empty_penalty=373.13 for BraTS-challenge-style means.*")
-        if daggers and any(n for row in results.get("hd95_undefined", {}).values() for n in row.values()):
-            lines.append("*† HD95 undefined (exactly one mask empty) for some cases of this subset: those cases are "
-                         "left out of its HD95 mean; see metrics_per_case.json.*")
-    else:
-        lines.append(f"*{policy.get('accuracy', ACCURACY_POLICY)}.*")
-    return lines
+    return ["", f"*{results['n_cases']} cases per subset. {MEAN_POLICY}.*"] + _scoring(results).footer(results, daggers)
 
 
 def markdown_report(results, title: str = "Missing-modality evaluation") -> str:
     """The paper-style Markdown table: one row per subset (presence dots + name) and the Average row; Dice and
     accuracy in %, HD95 in mm, 2 decimals."""
-    seg = results["task"] == "segmentation"
-    header = [_display(m) for m in results["modalities"]] + ["Subset"]
-    if seg:
-        header += [f"{r} Dice (%)" for r in results["columns"]] + [f"{r} HD95 (mm)" for r in results["columns"]]
-    else:
-        header += ["Accuracy (%)"]
-    undefined = results.get("hd95_undefined", {})
+    scoring = _scoring(results)
+    header = [_display(m) for m in results["modalities"]] + ["Subset"] + scoring.table_header(results["columns"])
     rows = []
     for key in _row_keys(results):
         label = f"**{MEAN_LABEL}**" if key == MEAN_KEY else key
-        cells = _presence(results, key) + [label]
-        if seg:
-            cells += [_fmt(_value(results, key, r, "dice"), True) for r in results["columns"]]
-            cells += [_fmt(_value(results, key, r, "hd95"), False) + ("†" if undefined.get(key, {}).get(r) else "")
-                      for r in results["columns"]]
-        else:
-            cells += [_fmt(_value(results, key, "accuracy", "accuracy"), True)]
-        rows.append(cells)
+        rows.append(_presence(results, key) + [label] + scoring.table_cells(
+            results, key, lambda k, column, metric: _value(results, k, column, metric)))
     return "\n".join([f"# {title}", ""] + _table(header, rows) + _footer(results)) + "\n"
 
 
 def _csv_columns(results) -> list:
-    if results["task"] == "segmentation":
-        return ([(f"{r}_dice", r, "dice") for r in results["columns"]] +
-                [(f"{r}_hd95_mm", r, "hd95") for r in results["columns"]])
-    return [("accuracy", "accuracy", "accuracy")]
+    return _scoring(results).csv_columns(results["columns"])
 
-
-def _csv_cell(value: float) -> str:
-    return "" if math.isnan(value) else repr(float(value))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,12 +272,11 @@ def _heatmap_panel(fig, ax, matrix, row_labels, col_labels, title, cmap, vmin, v
 
 def _score_matrix(results) -> tuple:
     """Rows: subsets + Average; columns: region Dice or accuracy, in %."""
+    scoring = _scoring(results)
     keys = _row_keys(results)
-    metric = "dice" if results["task"] == "segmentation" else "accuracy"
     columns = results["columns"]
-    matrix = np.array([[100.0 * _value(results, k, c, metric) for c in columns] for k in keys], dtype=float)
-    col_labels = [f"{c} Dice" for c in columns] if metric == "dice" else ["Accuracy"]
-    return matrix, [_row_label(k) for k in keys], col_labels, ("Dice (%)" if metric == "dice" else "Accuracy (%)")
+    matrix = np.array([[100.0 * _value(results, k, c, scoring.headline) for c in columns] for k in keys], dtype=float)
+    return matrix, [_row_label(k) for k in keys], scoring.headline_labels(columns), scoring.headline_title
 
 
 def _new_figure(width: float, rows: int):
@@ -426,23 +327,13 @@ def write_reports(results, out_dir: str, title: str = "Missing-modality evaluati
             present = key.split("+")
             flags = [""] * len(results["modalities"]) if key == MEAN_KEY else \
                 [int(m in present) for m in results["modalities"]]
-            writer.writerow([key, *flags, *[_csv_cell(_value(results, key, c, m)) for _, c, m in columns]])
+            writer.writerow([key, *flags, *[csv_cell(_value(results, key, c, m)) for _, c, m in columns]])
 
     with open(paths["per_case_csv"], "w", newline="") as f:
         writer = csv.writer(f)
-        if results["task"] == "segmentation":
-            writer.writerow(["subset", "case_id", "region", "dice", "hd95_mm"])
-            for subset in results["subsets"]:
-                for case_id, scores in results["per_case"][subset].items():
-                    for region in results["columns"]:
-                        writer.writerow([subset, case_id, region, _csv_cell(scores[region]["dice"]),
-                                         _csv_cell(scores[region]["hd95"])])
-        else:
-            writer.writerow(["subset", "case_id", "accuracy", "correct", "count"])
-            for subset in results["subsets"]:
-                for case_id, scores in results["per_case"][subset].items():
-                    writer.writerow([subset, case_id, _csv_cell(scores["accuracy"]), scores["correct"],
-                                     scores["count"]])
+        header, rows = _scoring(results).per_case_rows(results)
+        writer.writerow(header)
+        writer.writerows(rows)
 
     with open(paths["markdown"], "w") as f:
         f.write(markdown_report(results, title))
@@ -484,13 +375,13 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
     os.makedirs(out_dir, exist_ok=True)
     paths = {"markdown": os.path.join(out_dir, "comparison.md"), "csv": os.path.join(out_dir, "comparison.csv"),
              "heatmap": os.path.join(out_dir, "comparison.png")}
-    seg = first["task"] == "segmentation"
+    scoring = _scoring(first)
     keys = _row_keys(ordered[names[0]])
 
     def section(metric: str, percent: bool, higher_is_better: bool, heading: str) -> list:
-        columns = first["columns"] if seg else ["accuracy"]
+        columns = first["columns"]
         header = [_display(m) for m in first["modalities"]] + ["Subset"]
-        header += [f"{c if seg else 'Accuracy'} · {n}" for c in columns for n in names]
+        header += [f"{scoring.column_label(c)} · {n}" for c in columns for n in names]
         rows = []
         for key in keys:
             cells = _presence(first, key) + [f"**{MEAN_LABEL}**" if key == MEAN_KEY else key]
@@ -498,22 +389,19 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
                 values = [_value(ordered[n], key, c, metric) for n in names]
                 finite = [v for v in values if not math.isnan(v)]
                 best = (max(finite) if higher_is_better else min(finite)) if len(set(finite)) > 1 else None
-                cells += [f"**{_fmt(v, percent)}**" if best is not None and v == best else _fmt(v, percent)
+                cells += [f"**{fmt(v, percent)}**" if best is not None and v == best else fmt(v, percent)
                           for v in values]
             rows.append(cells)
         return [f"## {heading}", ""] + _table(header, rows) + [""]
 
     lines = [f"# {title}", "", "Models: " + ", ".join(f"**{n}** ({ordered[n]['n_cases']} cases)" for n in names), ""]
-    if seg:
-        lines += section("dice", True, True, "Dice (%)")
-        lines += section("hd95", False, False, "HD95 (mm)")
-    else:
-        lines += section("accuracy", True, True, "Accuracy (%)")
+    for section_args in scoring.sections:
+        lines += section(*section_args)
     lines += ["**Average** rows: " + "; ".join(
-        f"{n}: " + ", ".join(f"{c} {_fmt(_value(ordered[n], MEAN_KEY, c, 'dice' if seg else 'accuracy'), True)}"
-                             for c in first["columns"]) for n in names) + (" (Dice %)." if seg else " (accuracy %).")]
+        f"{n}: " + ", ".join(f"{c} {fmt(_value(ordered[n], MEAN_KEY, c, scoring.headline), True)}"
+                             for c in first["columns"]) for n in names) + scoring.averages_note]
     lines += _footer(first, daggers=False)[1:]
-    lines.append(f"*Bold: the best value of the row for that {'region' if seg else 'metric'} (none on ties).*")
+    lines.append(f"*Bold: the best value of the row for that {scoring.column_noun} (none on ties).*")
     with open(paths["markdown"], "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -522,7 +410,7 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
         columns = _csv_columns(first)
         writer.writerow(["subset"] + [f"{n}:{col}" for col, _, _ in columns for n in names])
         for key in keys:
-            writer.writerow([key] + [_csv_cell(_value(ordered[n], key, c, m)) for _, c, m in columns for n in names])
+            writer.writerow([key] + [csv_cell(_value(ordered[n], key, c, m)) for _, c, m in columns for n in names])
 
     panels = [(n, *_score_matrix(ordered[n])) for n in names]
     count = len(panels) + (1 if len(names) == 2 else 0)

@@ -35,7 +35,8 @@ SEGMENTATION_SIGNATURES = ("serving_default", "segment_volume")
 CLASSIFICATION_SIGNATURES = ("serving_default",)
 
 __all__ = ["export_model", "export_trained", "next_version", "list_versions", "read_manifest",
-           "make_serving_functions", "clean_stale_exports", "MANIFEST_PATH"]
+           "make_serving_functions", "classification_functions", "segmentation_functions", "clean_stale_exports",
+           "MANIFEST_PATH"]
 
 
 def list_versions(base: str, name: str) -> list:
@@ -59,11 +60,7 @@ def read_manifest(version_dir: str) -> dict:
     path = os.path.join(version_dir, MANIFEST_PATH)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {version_dir} is not a version folder written by 'shaspec export'")
-    try:
-        with open(path, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from error
+    manifest = fileio.read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("task"), str):
         raise ValueError(f"{path} is not a shaspec export manifest (a JSON object with a 'task')")
     return manifest
@@ -110,59 +107,81 @@ def _shape_checks(tf, name, tensor, expected):
     return [tf.debugging.assert_equal(same, True, message=f"{name} must have shape {text} (rank {len(expected)})")]
 
 
-def _labels_from_probabilities(tf, prob, threshold: float = 0.5):
-    """BraTS labels uint8 [..., D, H, W] from ET/WT/TC probabilities [..., 3]: the precedence of
-    :func:`shaspec_tf.inference.probabilities_to_labels` (ET -> 4 over TC -> 1 over WT -> 2, strict threshold)."""
+def _labels_from_probabilities(tf, prob, precedence, threshold: float = 0.5):
+    """Label values uint8 [..., D, H, W] from region probabilities [..., C], writing ``precedence``'s
+    ``(channel, value)`` pairs in order, later ones winning (the rule of
+    :func:`shaspec_tf.inference.probabilities_to_labels`; strict threshold)."""
     on = prob > threshold
-    zeros = tf.zeros(tf.shape(prob)[:-1], tf.uint8)
-    labels = tf.where(on[..., 1], tf.constant(2, tf.uint8), zeros)
-    labels = tf.where(on[..., 2], tf.constant(1, tf.uint8), labels)
-    return tf.where(on[..., 0], tf.constant(4, tf.uint8), labels)
+    labels = tf.zeros(tf.shape(prob)[:-1], tf.uint8)
+    for channel, value in precedence:
+        labels = tf.where(on[..., channel], tf.constant(value, tf.uint8), labels)
+    return labels
 
 
-def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0.125, sw_batch_size: int = 1) -> dict:
+def make_serving_functions(model, overlap: Optional[float] = None, sigma_scale: Optional[float] = None,
+                           sw_batch_size: int = 1) -> dict:
     """``{signature name: tf.function with an input signature}`` for ``model`` (a ShaSpec segmenter or
-    classifier); the functions call the model in inference mode. ``segment_volume`` runs
-    :func:`shaspec_tf.inference.window_probabilities` (the code of
-    :func:`~shaspec_tf.inference.sliding_window_predict`) with ``sw_batch_size`` windows per model call."""
+    classifier), as its task exports it; the functions call the model in inference mode. ``overlap`` and
+    ``sigma_scale`` default to the task's inference settings."""
+    from shaspec_tf.tasks import task_for_model
+
+    return task_for_model(model.shaspec_config).serving_functions(model, overlap=overlap, sigma_scale=sigma_scale,
+                                                                  sw_batch_size=sw_batch_size)
+
+
+def _logits_of(model):
+    def logits(inputs):
+        out = model(inputs, training=False)
+        return out["logits"] if isinstance(out, dict) else out
+
+    return logits
+
+
+def classification_functions(model) -> dict:
+    """``serving_default`` of a classifier: one input per modality plus ``modality_mask`` -> softmax
+    ``probabilities`` and the ``class``."""
+    import tensorflow as tf
+
+    config = model.shaspec_config
+    logits = _logits_of(model)
+    mask_spec = tf.TensorSpec([None, len(config["modalities"])], tf.float32, name="modality_mask")
+    shapes = config["input_shapes"]
+    names = list(config["modalities"])
+    specs = [tf.TensorSpec([None] + list(shapes[n]), tf.float32, name=n) for n in names] + [mask_spec]
+
+    def classify(*args):
+        inputs = dict(zip(names + ["modality_mask"], args))
+        first = []
+        for spec, arg in zip(specs, args):
+            first += _shape_checks(tf, spec.name, arg, spec.shape.as_list())
+        with tf.control_dependencies(first):
+            checks = _mask_checks(tf, inputs["modality_mask"], tf.shape(args[0])[0])
+        checks += [tf.debugging.assert_equal(tf.shape(a)[0], tf.shape(args[0])[0],
+                                             message=f"{n} and {names[0]} must have the same batch size")
+                   for n, a in zip(names[1:], args[1:len(names)])]
+        with tf.control_dependencies(checks):
+            prob = tf.nn.softmax(tf.cast(logits(inputs), tf.float32), axis=-1)
+        return {"probabilities": prob, "class": tf.argmax(prob, axis=-1, output_type=tf.int64)}
+
+    # The signature takes its input names from the TensorSpec names.
+    return {"serving_default": tf.function(classify, input_signature=specs)}
+
+
+def segmentation_functions(model, overlap: float, sigma_scale: float, precedence, mode: str = "gaussian",
+                           sw_batch_size: int = 1) -> dict:
+    """``serving_default`` (patches) and ``segment_volume`` (whole volumes: the sliding window of
+    :func:`shaspec_tf.inference.window_probabilities`, the code of :func:`~shaspec_tf.inference.sliding_window_predict`,
+    with ``sw_batch_size`` windows per model call) of a segmenter; label values by ``precedence``."""
     import tensorflow as tf
 
     config = model.shaspec_config
     m = len(config["modalities"])
     mask_spec = tf.TensorSpec([None, m], tf.float32, name="modality_mask")
-
-    def logits(inputs):
-        out = model(inputs, training=False)
-        return out["logits"] if isinstance(out, dict) else out
-
-    if config["task"] == "classification":
-        shapes = config["input_shapes"]
-        names = list(config["modalities"])
-        specs = [tf.TensorSpec([None] + list(shapes[n]), tf.float32, name=n) for n in names] + [mask_spec]
-
-        def classify(*args):
-            inputs = dict(zip(names + ["modality_mask"], args))
-            first = []
-            for spec, arg in zip(specs, args):
-                first += _shape_checks(tf, spec.name, arg, spec.shape.as_list())
-            with tf.control_dependencies(first):
-                checks = _mask_checks(tf, inputs["modality_mask"], tf.shape(args[0])[0])
-            checks += [tf.debugging.assert_equal(tf.shape(a)[0], tf.shape(args[0])[0],
-                                                 message=f"{n} and {names[0]} must have the same batch size")
-                       for n, a in zip(names[1:], args[1:len(names)])]
-            with tf.control_dependencies(checks):
-                prob = tf.nn.softmax(tf.cast(logits(inputs), tf.float32), axis=-1)
-            return {"probabilities": prob, "class": tf.argmax(prob, axis=-1, output_type=tf.int64)}
-
-        # The signature takes its input names from the TensorSpec names.
-        return {"serving_default": tf.function(classify, input_signature=specs)}
-
-    if config["task"] != "segmentation":
-        raise ValueError(f"cannot export a model with task {config['task']!r}")
-    from shaspec_tf.inference import ROI_DIVISOR, _validate_roi, window_probabilities
+    logits = _logits_of(model)
+    from shaspec_tf.inference import ROI_DIVISOR, validate_roi, window_probabilities
     from shaspec_tf.inference.compiled import logits_spec
 
-    roi = _validate_roi(config["crop_size"])
+    roi = validate_roi(config["crop_size"])
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     image_spec = tf.TensorSpec([None, None, None, None, m], tf.float32, name="image")
@@ -179,7 +198,7 @@ def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0
                         f"(use segment_volume for volumes of any size)"))
         with tf.control_dependencies(checks):
             prob = tf.sigmoid(tf.cast(logits({"image": image, "modality_mask": modality_mask}), tf.float32))
-        return {"probabilities": prob, "labels": _labels_from_probabilities(tf, prob)}
+        return {"probabilities": prob, "labels": _labels_from_probabilities(tf, prob, precedence)}
 
     num_classes = logits_spec(model, sw_batch_size, roi, m)[-1]
     no_flip = tf.zeros([1, 3], tf.int32)
@@ -188,8 +207,8 @@ def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0
         volume, mask = args  # [D, H, W, M], [M]: the sliding window of the Python API, on dynamic sizes
         prob = window_probabilities(lambda tiles, masks: logits({"image": tiles, "modality_mask": masks}), volume,
                                     mask, no_flip, roi_size=roi, num_classes=num_classes, overlap=overlap,
-                                    mode="gaussian", sigma_scale=sigma_scale, sw_batch_size=sw_batch_size)
-        return _labels_from_probabilities(tf, prob)
+                                    mode=mode, sigma_scale=sigma_scale, sw_batch_size=sw_batch_size)
+        return _labels_from_probabilities(tf, prob, precedence)
 
     @tf.function(input_signature=[image_spec, mask_spec])
     def segment_volume(image, modality_mask):
@@ -207,8 +226,8 @@ def make_serving_functions(model, overlap: float = 1 / 3, sigma_scale: float = 0
     return {"serving_default": serving_default, "segment_volume": segment_volume}
 
 
-def export_model(model, base: str, name: str, version: Optional[int] = None, *, overlap: float = 1 / 3,
-                 sigma_scale: float = 0.125, source: Optional[str] = None) -> str:
+def export_model(model, base: str, name: str, version: Optional[int] = None, *, overlap: Optional[float] = None,
+                 sigma_scale: Optional[float] = None, source: Optional[str] = None) -> str:
     """Write ``model`` as the SavedModel ``base/name/version/`` (version: next free integer by default) and return
     that folder.
 
@@ -218,6 +237,8 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
     exports are removed by the next export into the same model folder. An existing version is never overwritten.
     """
     import keras
+
+    from shaspec_tf.tasks import task_for_model
 
     if not name or os.sep in name or name in (".", "..") or name.startswith("."):
         raise ValueError(f"model name must be a plain folder name, got {name!r}")
@@ -253,9 +274,7 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
             "source": source,
             "shaspec_config": config,
         }
-        if config["task"] == "segmentation":
-            manifest.update(regions=["ET", "WT", "TC"], roi_size=list(config["crop_size"]), overlap=overlap,
-                            blending="gaussian", sigma_scale=sigma_scale, labels=[0, 1, 2, 4])
+        manifest.update(task_for_model(config).export_manifest(config, overlap=overlap, sigma_scale=sigma_scale))
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, MANIFEST_PATH), "w") as f:
             json.dump(manifest, f, indent=2, default=list)
@@ -271,7 +290,7 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
 
 def export_trained(model_dir: str, base: str, name: str, version: Optional[int] = None, **kwargs) -> str:
     """:func:`export_model` of the model saved by ``shaspec train`` in ``model_dir``."""
-    from shaspec_tf.workflows import load_trained
+    from shaspec_tf.trained import load_trained
 
     return export_model(load_trained(model_dir), base, name, version,
                         source=os.path.abspath(model_dir), **kwargs)

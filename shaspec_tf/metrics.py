@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from shaspec_tf.tasks.brats import BRATS2023_LABEL_REGIONS, BRATS_LABEL_REGIONS, BRATS_REGIONS  # noqa: F401
+
 BRATS_EMPTY_POLICY = "Dice of an empty prediction against an empty reference is 1 (the BraTS convention)"
 
 
@@ -18,9 +20,10 @@ def dice(prediction, reference, empty_value: float = 1.0) -> float:
     return float(2.0 * np.logical_and(p, r).sum() / total)
 
 
-def region_dice(logits, regions, names=("ET", "WT", "TC"), threshold: float = 0.0) -> dict:
+def region_dice(logits, regions, names=None, threshold: float = 0.0) -> dict:
     """Dice per region channel of ``[..., K]`` logits (thresholded at ``threshold``, i.e. p = 0.5) against
-    ``[..., K]`` binary regions, pooled over the batch."""
+    ``[..., K]`` binary regions, pooled over the batch (``names``: the channels' names, default ET, WT, TC)."""
+    names = BRATS_REGIONS if names is None else names
     logits = np.asarray(logits)
     regions = np.asarray(regions)
     return {name: dice(logits[..., k] > threshold, regions[..., k] > 0.5) for k, name in enumerate(names)}
@@ -39,9 +42,8 @@ HD95_POOLED_METHOD = ("HD95: 95th percentile (linear interpolation) of the surfa
                       "directions pooled (the medpy `hd95` convention)")
 BRATS_CHALLENGE_HD95_PENALTY = 373.12866  # mm: the BraTS tools' value when exactly one of prediction/reference is empty
 
-# BraTS 2018-2021 label maps: 1 = necrotic/non-enhancing core, 2 = oedema, 4 = enhancing tumour (BraTS 2023 uses 3).
-BRATS_LABEL_REGIONS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
-BRATS2023_LABEL_REGIONS = {"ET": (3,), "WT": (1, 2, 3), "TC": (1, 3)}
+# BRATS_LABEL_REGIONS (BraTS 2018-2021 label maps: 1 = necrotic/non-enhancing core, 2 = oedema, 4 = enhancing
+# tumour) and BRATS2023_LABEL_REGIONS (3 = enhancing tumour) are the BraTS task's, imported above.
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

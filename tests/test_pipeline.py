@@ -13,7 +13,7 @@ pytest.importorskip("tfx")
 
 from components.evaluator import judge, summarise  # noqa: E402
 from components.pusher import pushed_version_of  # noqa: E402
-from components.schema_curation import STATS_FEATURES, curate_schema  # noqa: E402
+from components.schema_curation import curate_schema, stats_features  # noqa: E402
 from pipeline import configs  # noqa: E402
 from pipeline.local_runner import run  # noqa: E402
 
@@ -145,7 +145,7 @@ def _stats(tmp_path, examples, task):
         for example in examples:
             writer.write(example.SerializeToString())
     return tfdv.generate_statistics_from_tfrecord(
-        path, stats_options=tfdv.StatsOptions(feature_allowlist=STATS_FEATURES[task]))
+        path, stats_options=tfdv.StatsOptions(feature_allowlist=stats_features(task)))
 
 
 def test_curated_schema_flags_an_all_absent_case_and_a_stray_label(tmp_path):

@@ -36,8 +36,10 @@ from typing import Iterable, List, Optional, Sequence
 
 from shaspec_tf import fileio
 from shaspec_tf.data.schema import BRATS_MODALITIES, SCHEMA_VERSION
+from shaspec_tf.tasks.brats import BRATS_SPLITS as SPLITS
+from shaspec_tf.tasks.brats import NAME as TASK
 
-SPLITS = ("train", "eval")
+TRAIN, EVAL = SPLITS
 #: The ownership marker's kind for a ``prepare brats`` output.
 KIND = "brats-records"
 MANIFEST = "manifest.json"
@@ -63,7 +65,7 @@ class StrictCaseError(RejectedCasesError):
 def split_of(case_id: str, eval_fraction: float) -> str:
     """Deterministic split by case id: a stable hash mapped to [0, 1)."""
     digest = hashlib.sha256(case_id.encode()).digest()
-    return "eval" if int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction else "train"
+    return EVAL if int.from_bytes(digest[:8], "big") / 2 ** 64 < eval_fraction else TRAIN
 
 
 class _ProcessCase:
@@ -195,7 +197,7 @@ def legacy_output(folder: str) -> bool:
     nothing beyond that manifest and the shards it implies (``{train,eval}/data-0000i-of-0000N.tfrecord``)."""
     folder = str(folder).rstrip("/")
     manifest = _read_json(f"{folder}/{MANIFEST}")
-    if not isinstance(manifest, dict) or manifest.get("task") != "brats" or \
+    if not isinstance(manifest, dict) or manifest.get("task") != TASK or \
             manifest.get("schema_version") != SCHEMA_VERSION:
         return False
     shards = manifest.get("shards")
@@ -238,7 +240,7 @@ def prepare_brats(input_dir: str, output_dir: str, eval_fraction: float = 0.2, s
             write_cases(p, cases, staging, eval_fraction, shards, require_label, strict=False,
                         crop_to_brain=crop_to_brain, max_voxels=max_voxels)
         metas, rejected = read_case_log(staging)
-        manifest = _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
+        manifest = build_manifest(input_dir, cases, metas, rejected, eval_fraction, shards, time.time() - start)
         if not metas or (strict and rejected):
             first = (manifest["rejected"] or [{"case_id": "?", "reason": "no record came back"}])[0]
             what = (f"{len(rejected)} of {len(cases)} cases rejected with --strict" if strict and metas else
@@ -255,7 +257,9 @@ def prepare_brats(input_dir: str, output_dir: str, eval_fraction: float = 0.2, s
     return manifest
 
 
-def _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, seconds) -> dict:
+def build_manifest(input_dir, cases, metas, rejected, eval_fraction, shards, seconds) -> dict:
+    """The ``manifest.json`` of a run of :func:`write_cases` (per-split counts, rejected cases, timing), from the
+    case log that :func:`read_case_log` read back."""
     per_split = {}
     for split in SPLITS:
         rows = [m for m in metas if m["split"] == split]
@@ -266,7 +270,7 @@ def _manifest(input_dir, cases, metas, rejected, eval_fraction, shards, seconds)
                                    for i, name in enumerate(BRATS_MODALITIES)},
             "case_ids": sorted(m["case_id"] for m in rows),
         }
-    return {"schema_version": SCHEMA_VERSION, "task": "brats", "source": os.path.abspath(input_dir),
+    return {"schema_version": SCHEMA_VERSION, "task": TASK, "source": os.path.abspath(input_dir),
             "modalities": list(BRATS_MODALITIES), "eval_fraction": eval_fraction, "shards": shards,
             "discovered": len(cases), "written": len(metas), "splits": per_split,
             "rejected": sorted(rejected, key=lambda r: r["case_id"]), "seconds": round(seconds, 2)}

@@ -12,26 +12,32 @@ so ``shaspec train`` / ``evaluate`` take an ``Examples`` artifact's folder as ``
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 def split_patterns(data: str, split: str, task: str) -> List[str]:
-    """The glob patterns tried, in order, for ``split`` of a ``task`` (``brats`` or ``avmnist``) data set."""
-    data = str(data).rstrip("/")
-    own = f"{data}/{split}/*.tfrecord" if task == "brats" else f"{data}/{split}-*.tfrecord"
-    return [own, f"{data}/Split-{split}/*"]
+    """The glob patterns tried, in order, for ``split`` of a ``task`` data set (the task's own layout, then the TFX
+    ``Examples`` one; see :meth:`shaspec_tf.tasks.Task.record_patterns`)."""
+    from shaspec_tf.tasks import get_task
+
+    return get_task(task).record_patterns(data, split)
 
 
-def split_files(data: str, split: str, task: str) -> List[str]:
-    """The sorted TFRecord files of ``split``; a one-line ``FileNotFoundError`` naming the patterns when none."""
+def split_files(data: str, split: Optional[str], task: str) -> List[str]:
+    """The sorted TFRecord files of ``split`` (empty: the task's evaluation split); a one-line ``FileNotFoundError``
+    naming the patterns when none."""
     import tensorflow as tf
 
-    patterns = split_patterns(data, split, task)
+    from shaspec_tf.tasks import get_task
+
+    task = get_task(task)
+    split = task.split(split)
+    patterns = task.record_patterns(data, split)
     for pattern in patterns:
         files = sorted(tf.io.gfile.glob(pattern))
         if files:
             return files
-    raise FileNotFoundError(f"no {split} TFRecords at {' or '.join(patterns)}; run 'shaspec prepare {task}' "
+    raise FileNotFoundError(f"no {split} TFRecords at {' or '.join(patterns)}; run 'shaspec prepare {task.name}' "
                             f"(or point at an Examples artifact's folder)")
 
 

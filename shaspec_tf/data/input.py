@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from shaspec_tf.data.files import record_dataset
-from shaspec_tf.data.schema import model_inputs, parse_avmnist_example, parse_brats_example
+from shaspec_tf.data.schema import (BRATS_MODALITIES, avmnist_model_inputs, brats_model_inputs, parse_avmnist_example,
+                                    parse_brats_example, region_masks_tf)
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -74,8 +75,8 @@ def _crop_start(label, crop, shape, seed, index, fg_prob):
     size = tf.cast(shape, tf.float32)
     crop_f = tf.cast(crop, tf.float32)
     random_start = tf.floor(_uniform(seed, index, 10, (3,)) * (size - crop_f + 1.0))
-    region = tf.cast(tf.floor(_uniform(seed, index, 11) * 3.0), tf.int32)
-    masks = tf.stack([label == 4, label > 0, (label == 1) | (label == 4)])
+    masks = region_masks_tf(label)
+    region = tf.cast(tf.floor(_uniform(seed, index, 11) * float(masks.shape[0])), tf.int32)
     voxels = tf.where(tf.gather(masks, region))
     count = tf.shape(voxels, out_type=tf.int64)[0]
     pick = tf.cast(tf.floor(_uniform(seed, index, 12) * tf.cast(tf.maximum(count, 1), tf.float32)), tf.int64)
@@ -132,7 +133,8 @@ def augment_case(features, index, seed, crop_size, aug: Augmentation):
 def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), training: bool = True,
                   seed: int = 0, augmentation: Optional[Augmentation] = None,
                   dropout: Optional[ModalityDropout] = None, repeat: Optional[bool] = None,
-                  shuffle_buffer: int = 16, num_modalities: int = 4, start_step: int = 0) -> tf.data.Dataset:
+                  shuffle_buffer: int = 16, num_modalities: int = len(BRATS_MODALITIES),
+                  start_step: int = 0) -> tf.data.Dataset:
     """BraTS TFRecords -> ``({"image", "modality_mask"}, regions)`` batches.
 
     Training: shuffled, repeated, cropped to ``crop_size`` with augmentation and modality dropout; ``start_step``
@@ -145,7 +147,7 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
     ds = record_dataset(files, num_parallel_reads=min(len(files), 4))
     ds = ds.map(lambda s: parse_brats_example(s, num_modalities), num_parallel_calls=AUTOTUNE)
     if not training:
-        return ds.map(lambda f: model_inputs(f, "brats"), num_parallel_calls=AUTOTUNE).batch(1).prefetch(AUTOTUNE)
+        return ds.map(brats_model_inputs, num_parallel_calls=AUTOTUNE).batch(1).prefetch(AUTOTUNE)
     aug = augmentation or Augmentation()
     drop = dropout or ModalityDropout()
     if repeat is None or repeat:
@@ -157,7 +159,7 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
         features = augment_case(features, index, seed, crop_size, aug)
         mask = drop_modalities(tf.cast(features["modality_mask"], tf.float32), index, seed, drop, batch_size)
         features = dict(features, modality_mask=mask, image=features["image"] * mask)
-        return model_inputs(features, "brats")
+        return brats_model_inputs(features)
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
@@ -188,9 +190,9 @@ def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, s
     if training and dropout is not None:
         def prepare(index, features):
             mask = drop_modalities(tf.cast(features["modality_mask"], tf.float32), index, seed, dropout, batch_size)
-            return model_inputs(dict(features, modality_mask=mask, image=features["image"] * mask[0],
-                                     audio=features["audio"] * mask[1]), "avmnist")
+            return avmnist_model_inputs(dict(features, modality_mask=mask, image=features["image"] * mask[0],
+                                             audio=features["audio"] * mask[1]))
         ds = ds.enumerate().map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     else:
-        ds = ds.map(lambda f: model_inputs(f, "avmnist"), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(avmnist_model_inputs, num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size).prefetch(AUTOTUNE)

@@ -33,6 +33,9 @@ AV-MNIST (``task = "avmnist"``), schema version 1: ``sample_id`` bytes, ``modali
 ``modality_mask`` int64 [2], ``image`` float [28 * 28] (values in [0, 1]), ``audio`` float [20 * 20] (MFCCs),
 ``label`` int64 [1], ``speaker`` bytes [1], ``present_modalities`` bytes [k] (as for BraTS).
 
+The tasks' constants (modalities, BraTS label values and regions, AV-MNIST shapes, task names) are defined once in
+``shaspec_tf.tasks`` and re-exported here; the mask rule is :func:`shaspec_tf.data.masks.check_modality_mask`.
+
 This module needs TensorFlow only to parse records (``parse_*``); writing uses ``tf.train.Example`` protos.
 """
 from __future__ import annotations
@@ -42,11 +45,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from shaspec_tf.data.masks import check_modality_mask
+from shaspec_tf.tasks.avmnist import AVMNIST_AUDIO_SHAPE, AVMNIST_IMAGE_SHAPE, AVMNIST_MODALITIES
+from shaspec_tf.tasks.avmnist import NAME as AVMNIST_TASK
+# The tasks' constants, defined once in shaspec_tf.tasks and re-exported here for the data layer.
+from shaspec_tf.tasks.brats import BRATS_LABEL_REGIONS, BRATS_LABEL_VALUES, BRATS_MODALITIES  # noqa: F401
+from shaspec_tf.tasks.brats import BRATS_REGIONS  # noqa: F401
+from shaspec_tf.tasks.brats import NAME as BRATS_TASK
+
 SCHEMA_VERSION = 1
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
-AVMNIST_MODALITIES = ("image", "audio")
-AVMNIST_IMAGE_SHAPE = (28, 28, 1)
-AVMNIST_AUDIO_SHAPE = (20, 20, 1)
+_IMAGE_SIZE = int(np.prod(AVMNIST_IMAGE_SHAPE))
+_AUDIO_SIZE = int(np.prod(AVMNIST_AUDIO_SHAPE))
 
 
 @dataclass
@@ -69,11 +78,7 @@ class BratsRecord:
         where = f"case {self.case_id!r}"
         if self.image.ndim != 4 or self.image.shape[-1] != m:
             raise ValueError(f"{where}: image must be [D, H, W, {m}], got {self.image.shape}")
-        mask = np.asarray(self.modality_mask)
-        if mask.shape != (m,) or not np.all((mask == 0) | (mask == 1)):
-            raise ValueError(f"{where}: modality_mask must be {m} values of 0/1, got {mask.tolist()}")
-        if mask.sum() == 0:
-            raise ValueError(f"{where}: no modality present (all-zero modality mask)")
+        mask = check_modality_mask(self.modality_mask, self.modalities, where)
         if not np.all(np.isfinite(self.image)):
             raise ValueError(f"{where}: image holds NaN or Inf")
         absent = [name for name, bit in zip(self.modalities, mask) if not bit]
@@ -82,9 +87,10 @@ class BratsRecord:
         if self.label is not None:
             if self.label.shape != self.image.shape[:3]:
                 raise ValueError(f"{where}: label shape {self.label.shape} differs from image {self.image.shape[:3]}")
-            bad = np.setdiff1d(np.unique(self.label), [0, 1, 2, 4])
+            bad = np.setdiff1d(np.unique(self.label), BRATS_LABEL_VALUES)
             if bad.size:
-                raise ValueError(f"{where}: label values {bad.tolist()} outside BraTS labels {{0, 1, 2, 4}}")
+                raise ValueError(f"{where}: label values {bad.tolist()} outside BraTS labels "
+                                 f"{{{', '.join(str(v) for v in BRATS_LABEL_VALUES)}}}")
 
 
 def _bytes(values):
@@ -120,7 +126,7 @@ def brats_example(record: BratsRecord):
     original = record.original_shape if record.original_shape is not None else image.shape[:3]
     features = {
         "schema_version": _ints([SCHEMA_VERSION]),
-        "task": _bytes(["brats"]),
+        "task": _bytes([BRATS_TASK]),
         "case_id": _bytes([record.case_id]),
         "modalities": _bytes(list(record.modalities)),
         "modality_mask": _ints(np.asarray(record.modality_mask).tolist()),
@@ -204,15 +210,15 @@ def avmnist_example(sample_id: str, image: np.ndarray, audio: np.ndarray, modali
     audio = np.asarray(audio, np.float32).reshape(-1)
     mask = np.asarray(modality_mask, np.int64).reshape(-1)
     where = f"sample {sample_id!r}"
-    if image.size != 28 * 28 or audio.size != 20 * 20:
-        raise ValueError(f"{where}: image must have 784 values and audio 400, got {image.size} and {audio.size}")
-    if mask.shape != (2,) or mask.sum() == 0 or not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"{where}: modality_mask must be two 0/1 values with at least one 1, got {mask.tolist()}")
+    if image.size != _IMAGE_SIZE or audio.size != _AUDIO_SIZE:
+        raise ValueError(f"{where}: image must have {_IMAGE_SIZE} values and audio {_AUDIO_SIZE}, got {image.size} "
+                         f"and {audio.size}")
+    check_modality_mask(mask, AVMNIST_MODALITIES, where)
     if not (np.all(np.isfinite(image)) and np.all(np.isfinite(audio))):
         raise ValueError(f"{where}: NaN or Inf in the inputs")
     features = {
         "schema_version": _ints([SCHEMA_VERSION]),
-        "task": _bytes(["avmnist"]),
+        "task": _bytes([AVMNIST_TASK]),
         "sample_id": _bytes([sample_id]),
         "modalities": _bytes(list(AVMNIST_MODALITIES)),
         "modality_mask": _ints(mask),
@@ -233,9 +239,9 @@ def parse_avmnist_example(serialized):
     spec = {
         "schema_version": tf.io.FixedLenFeature([1], tf.int64),
         "sample_id": tf.io.FixedLenFeature([], tf.string),
-        "modality_mask": tf.io.FixedLenFeature([2], tf.int64),
-        "image": tf.io.FixedLenFeature([28 * 28], tf.float32),
-        "audio": tf.io.FixedLenFeature([20 * 20], tf.float32),
+        "modality_mask": tf.io.FixedLenFeature([len(AVMNIST_MODALITIES)], tf.int64),
+        "image": tf.io.FixedLenFeature([_IMAGE_SIZE], tf.float32),
+        "audio": tf.io.FixedLenFeature([_AUDIO_SIZE], tf.float32),
         "label": tf.io.FixedLenFeature([1], tf.int64),
         "speaker": tf.io.FixedLenFeature([], tf.string, default_value=""),
     }
@@ -245,16 +251,41 @@ def parse_avmnist_example(serialized):
             "label": f["label"][0]}
 
 
-def model_inputs(features: dict, task: str):
-    """Parsed features -> ``(inputs, target)`` for the model: BraTS -> (``{"image", "modality_mask"}``, regions
-    ``[D, H, W, 3]`` ET/WT/TC); AV-MNIST -> (``{"image", "audio", "modality_mask"}``, label)."""
+def region_masks_tf(label, axis: int = 0):
+    """BraTS label map (a tensor) -> the boolean mask of each region of :data:`BRATS_LABEL_REGIONS` (ET, WT, TC, the
+    official channel order), stacked along ``axis``."""
+    import tensorflow as tf
+
+    masks = []
+    for values in BRATS_LABEL_REGIONS.values():
+        mask = label == values[0]
+        for value in values[1:]:
+            mask = mask | (label == value)
+        masks.append(mask)
+    return tf.stack(masks, axis=axis)
+
+
+def brats_model_inputs(features: dict):
+    """Parsed BraTS features -> (``{"image", "modality_mask"}``, regions ``[D, H, W, 3]`` ET/WT/TC float32)."""
     import tensorflow as tf
 
     mask = tf.cast(features["modality_mask"], tf.float32)
-    if task == "brats":
-        label = features["label"]
-        regions = tf.stack([label == 4, label > 0, (label == 1) | (label == 4)], axis=-1)
-        return {"image": features["image"], "modality_mask": mask}, tf.cast(regions, tf.float32)
-    if task == "avmnist":
-        return {"image": features["image"], "audio": features["audio"], "modality_mask": mask}, features["label"]
-    raise ValueError(f"unknown task {task!r}: expected brats or avmnist")
+    regions = region_masks_tf(features["label"], axis=-1)
+    return {"image": features["image"], "modality_mask": mask}, tf.cast(regions, tf.float32)
+
+
+def avmnist_model_inputs(features: dict):
+    """Parsed AV-MNIST features -> (``{"image", "audio", "modality_mask"}``, label)."""
+    import tensorflow as tf
+
+    inputs = {m: features[m] for m in AVMNIST_MODALITIES}
+    return dict(inputs, modality_mask=tf.cast(features["modality_mask"], tf.float32)), features["label"]
+
+
+def model_inputs(features: dict, task: str):
+    """Parsed features -> ``(inputs, target)`` for the model of ``task`` (a name or kind, see
+    :func:`shaspec_tf.tasks.get_task`): BraTS -> (``{"image", "modality_mask"}``, regions ``[D, H, W, 3]``
+    ET/WT/TC); AV-MNIST -> (``{"image", "audio", "modality_mask"}``, label)."""
+    from shaspec_tf.tasks import get_task
+
+    return get_task(task).model_inputs(features)

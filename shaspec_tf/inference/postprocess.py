@@ -18,11 +18,12 @@ def probabilities_to_labels(prob, threshold: float = 0.5) -> np.ndarray:
     prob = np.asarray(prob)
     if prob.ndim != 4 or prob.shape[-1] != 3:
         raise ValueError(f"prob must be [D, H, W, 3] (ET, WT, TC), got shape {prob.shape}")
+    from shaspec_tf.tasks.brats import BRATS_LABEL_PRECEDENCE
+
     on = prob > threshold
     labels = np.zeros(prob.shape[:3], dtype=np.uint8)
-    labels[on[..., 1]] = 2
-    labels[on[..., 2]] = 1
-    labels[on[..., 0]] = 4
+    for channel, value in BRATS_LABEL_PRECEDENCE:
+        labels[on[..., channel]] = value
     return labels
 
 

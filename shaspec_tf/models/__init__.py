@@ -1,11 +1,12 @@
 """ShaSpec models (backend-agnostic Keras 3) and their builders."""
 from __future__ import annotations
 
-from shaspec_tf.models.base import ShaSpecModel
+from shaspec_tf.models.base import ShaSpecModel, output_dtype
 from shaspec_tf.models.classifier import ShaSpecClassifier
 from shaspec_tf.models.masks import validate_modality_mask, validate_volume_shape
 from shaspec_tf.models.presets import (AVMNIST_MODALITIES, BRATS_MODALITIES, BRATS_REGIONS, CLASSIFIER_PRESETS,
                                        SEGMENTER_PRESETS, resolve_config)
+from shaspec_tf.models.saving import KERAS_FILE, load_model, save_model
 from shaspec_tf.models.segmenter import ShaSpecSegmenter
 
 
@@ -33,21 +34,28 @@ def build_baseline_classifier(preset: str = "avmnist", **overrides) -> ShaSpecCl
     return build_classifier(preset, variant="baseline", **overrides)
 
 
+# The model classes by the kind their presets name (``config["task"]``), with the defaults of options that configs
+# saved before those options existed were trained with (a segmenter's ``fusion_init``: the official standardised
+# projection).
+_KINDS = {presets[next(iter(presets))]["task"]: (model_class, presets, legacy) for model_class, presets, legacy in (
+    (ShaSpecSegmenter, SEGMENTER_PRESETS, {"fusion_init": "standardised"}),
+    (ShaSpecClassifier, CLASSIFIER_PRESETS, {}))}
+
+
 def build_model(config: dict) -> ShaSpecModel:
     """Rebuild a model from its saved ``shaspec_config`` (``model.shaspec_config``)."""
     config = dict(config)
     preset = config.pop("preset")
     task = config.get("task")
-    if task == "segmentation":
-        # Configs saved before ``fusion_init`` existed were trained with the official standardised projection.
-        config.setdefault("fusion_init", "standardised")
-        return ShaSpecSegmenter(resolve_config(SEGMENTER_PRESETS, preset, config))
-    if task == "classification":
-        return ShaSpecClassifier(resolve_config(CLASSIFIER_PRESETS, preset, config))
-    raise ValueError(f"unknown task {task!r} in model config")
+    if task not in _KINDS:
+        raise ValueError(f"unknown task {task!r} in model config")
+    model_class, presets, legacy = _KINDS[task]
+    for key, value in legacy.items():
+        config.setdefault(key, value)
+    return model_class(resolve_config(presets, preset, config))
 
 
-__all__ = ["AVMNIST_MODALITIES", "BRATS_MODALITIES", "BRATS_REGIONS", "CLASSIFIER_PRESETS", "SEGMENTER_PRESETS",
-           "ShaSpecClassifier", "ShaSpecModel", "ShaSpecSegmenter", "build_baseline_classifier",
-           "build_baseline_segmenter", "build_classifier", "build_model", "build_segmenter", "resolve_config",
-           "validate_modality_mask", "validate_volume_shape"]
+__all__ = ["AVMNIST_MODALITIES", "BRATS_MODALITIES", "BRATS_REGIONS", "CLASSIFIER_PRESETS", "KERAS_FILE",
+           "SEGMENTER_PRESETS", "ShaSpecClassifier", "ShaSpecModel", "ShaSpecSegmenter", "build_baseline_classifier",
+           "build_baseline_segmenter", "build_classifier", "build_model", "build_segmenter", "load_model",
+           "output_dtype", "resolve_config", "save_model", "validate_modality_mask", "validate_volume_shape"]

@@ -88,6 +88,8 @@ def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
                 "trunk_filters"):
         if isinstance(config.get(key), list):
             config[key] = tuple(config[key])
+    if isinstance(config.get("input_shapes"), dict):  # lists after a JSON round trip, as the tuples above
+        config["input_shapes"] = {name: tuple(shape) for name, shape in config["input_shapes"].items()}
     if config["variant"] not in ("shaspec", "baseline"):
         raise ValueError(f"unknown variant {config['variant']!r}: expected shaspec or baseline")
     return config
