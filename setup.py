@@ -1,9 +1,18 @@
 """shaspec-tf: ShaSpec (CVPR 2023) for missing-modality learning in Keras 3, with a TFX pipeline."""
+import re
+
 from setuptools import find_packages, setup
+
+
+def _version() -> str:
+    """``__version__`` of shaspec_tf/__init__.py, read as text (importing the package needs its dependencies)."""
+    with open("shaspec_tf/__init__.py", encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 
 setup(
     name="shaspec-tf",
-    version="0.1.0",
+    version=_version(),
     description="Multi-modal learning with missing modalities (ShaSpec) in Keras 3 / TensorFlow, with TFX and TF Serving",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -25,5 +34,7 @@ setup(
         "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "requests"],
         "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30"],
     },
-    entry_points={"console_scripts": ["shaspec=shaspec_tf.cli:main"]},
+    # The program composes the library's command line with the serving app's commands (serving/cli.py); the
+    # library itself never imports the app packages.
+    entry_points={"console_scripts": ["shaspec=serving.cli:main"]},
 )

@@ -102,3 +102,84 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["model.weights.h5", "notes.txt"]
     assert (out / "model.weights.h5").read_bytes() == b"my own weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging folder left
+
+
+def test_version_prints_the_package_version(capsys):
+    import importlib.metadata
+
+    import shaspec_tf
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"shaspec {shaspec_tf.__version__}\n"
+    # One source: setup.py reads shaspec_tf.__version__, so the installed distribution says the same.
+    assert importlib.metadata.version("shaspec-tf") == shaspec_tf.__version__
+
+
+def test_the_installed_shaspec_command_has_every_command_and_its_version():
+    import os
+    import subprocess
+    import sys
+
+    import shaspec_tf
+
+    script = os.path.join(os.path.dirname(sys.executable), "shaspec")
+    if not os.path.exists(script):
+        pytest.skip("the console script is not installed (pip install -e .)")
+    done = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"shaspec {shaspec_tf.__version__}\n", "")
+    done = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    listed = done.stdout.split("{", 1)[1].split("}", 1)[0].split(",")
+    assert listed == ["demo", "info", "prepare", "train", "evaluate", "predict", "export", "serve"]
+
+
+def test_verbose_is_a_global_flag_before_or_after_the_command(monkeypatch, capsys):
+    from shaspec_tf import cli, logs
+
+    calls = []
+    monkeypatch.setattr(logs, "configure", lambda verbose=False: calls.append(verbose))
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    for argv, verbose in ((["info", "--preset", "avmnist-tiny"], False),
+                          (["--verbose", "info", "--preset", "avmnist-tiny"], True),
+                          (["info", "--preset", "avmnist-tiny", "--verbose"], True)):
+        calls.clear()
+        assert main(argv) == 0
+        assert calls == [verbose], argv
+        assert json.loads(capsys.readouterr().out)["parameters"] > 0
+    monkeypatch.setenv(logs.VERBOSE_ENV, "1")
+    calls.clear()
+    assert main(["info", "--preset", "avmnist-tiny"]) == 0 and calls == [True]
+    assert cli.build_parser().parse_args(["info"]).verbose is True
+
+
+def test_programs_add_commands_through_the_plugin_seam(capsys):
+    from shaspec_tf.cli import Command
+
+    def add_arguments(parser):
+        parser.add_argument("--name", required=True)
+
+    def run(args, extra):
+        if args.name == "bad":
+            raise ValueError("no such name\nsecond line")
+        print(f"hello {args.name}")
+        return 0
+
+    hello = Command("hello", help="say hello", add_arguments=add_arguments, run=run)
+    assert main(["hello", "--name", "you"], commands=[hello]) == 0
+    assert capsys.readouterr().out == "hello you\n"
+    assert main(["hello", "--name", "bad"], commands=[hello]) == 2  # bad input: one line, as for every command
+    assert capsys.readouterr().err == "shaspec hello: error: no such name\n"
+    with pytest.raises(SystemExit):
+        main(["hello"])  # not a library command
+    with pytest.raises(SystemExit):
+        main(["hello", "--name", "you", "--stray"], commands=[hello])
+
+
+def test_the_library_cli_points_app_commands_to_their_app(capsys):
+    for argv in (["serve", "--model-base", "models"], ["serve", "--help"], ["serve"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured
+        assert captured.err.startswith("shaspec serve: error: 'serve' is the serving app's command: run the "
+                                       "installed 'shaspec' program or python -m serving.cli")

@@ -329,3 +329,60 @@ def test_weights_round_trip_through_the_saved_config(tmp_path):
     assert rebuilt.shaspec_config == model.shaspec_config
     rebuilt.load_weights(tmp_path / "m.weights.h5")
     np.testing.assert_allclose(to_numpy(rebuilt(x)["logits"]), to_numpy(model(x)["logits"]), rtol=1e-6)
+
+
+# -- one-file saving (.keras) ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build,inputs", [
+    (lambda: shaspec_tf.build_segmenter("tiny", missing_rule="first", fusion_kernel=1), seg_inputs),
+    (lambda: shaspec_tf.build_classifier("avmnist-tiny"), cls_inputs),
+    (lambda: shaspec_tf.build_baseline_classifier("avmnist-tiny"), cls_inputs),
+], ids=["tiny-segmenter", "avmnist-tiny", "avmnist-tiny-baseline"])
+def test_models_save_and_load_as_one_keras_file(tmp_path, build, inputs):
+    model = build()
+    x = inputs(np.random.default_rng(15))
+    x["modality_mask"][0, 0] = 0.0  # one sample with a missing modality
+    # Weights that are not the initial ones, so that a rebuilt-but-not-loaded model cannot pass.
+    for variable in model.weights:
+        variable.assign(to_numpy(variable) + np.random.default_rng(16).normal(0, 0.01, variable.shape))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # no custom_objects: the classes are registered
+    assert type(loaded) is type(model) and loaded.name == model.name
+    assert loaded.shaspec_config == model.shaspec_config
+    expected, got = model(x), loaded(x)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        np.testing.assert_allclose(to_numpy(got[key]), to_numpy(expected[key]), rtol=1e-6, atol=1e-6, err_msg=key)
+    assert keras.saving.get_registered_name(type(model)) == f"shaspec_tf>{type(model).__name__}"
+
+
+def test_save_model_writes_one_file_that_load_model_reads(tmp_path):
+    from shaspec_tf.models import KERAS_FILE, load_model, save_model
+
+    model = shaspec_tf.build_classifier("avmnist-tiny")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = cls_inputs(np.random.default_rng(17))
+    model.fit(x, np.arange(3), epochs=1, verbose=0)  # optimizer state to save as well
+    run = tmp_path / "run"
+    path = save_model(model, str(run))  # a folder: model.keras inside it
+    assert path == str(run / KERAS_FILE) and sorted(p.name for p in run.iterdir()) == [KERAS_FILE]
+    assert save_model(model, str(run / KERAS_FILE)) == path  # replaced in place, nothing left beside it
+    assert sorted(p.name for p in run.iterdir()) == [KERAS_FILE]
+    loaded = load_model(str(run))
+    np.testing.assert_allclose(to_numpy(loaded(x)["logits"]), to_numpy(model(x)["logits"]), rtol=1e-6, atol=1e-6)
+    assert loaded.optimizer is not None and loaded.optimizer.iterations.numpy() == 1
+    bare = load_model(save_model(model, str(tmp_path / "bare.keras"), include_optimizer=False))
+    assert getattr(bare, "optimizer", None) is None and model.optimizer is not None  # the saved model is unchanged
+    np.testing.assert_allclose(to_numpy(bare(x)["logits"]), to_numpy(model(x)["logits"]), rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "bare.keras").stat().st_size < (run / KERAS_FILE).stat().st_size
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "nothing"))
+    (tmp_path / "garbage.keras").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="garbage.keras"):
+        load_model(str(tmp_path / "garbage.keras"))
+    with pytest.raises(TypeError):
+        save_model(keras.Sequential([keras.layers.Dense(1)]), str(tmp_path / "other.keras"))
+    # A model's own name survives the round trip.
+    named = type(model)(model.shaspec_config, name="digits")  # never compiled
+    assert load_model(save_model(named, str(tmp_path / "named.keras")), compile=False).name == "digits"
+    assert load_model(save_model(named, str(tmp_path / "named.keras"), include_optimizer=False)).name == "digits"

@@ -18,9 +18,10 @@ import pytest
 from scipy import special
 
 import shaspec_tf
-from serving.client import GrpcClient, RestClient, ServingError, segment_volume
+from serving.cli import main  # the installed 'shaspec' program: the library's commands and 'serve'
 from serving.server import LocalServer
-from shaspec_tf.cli import main
+from shaspec_tf.cli import main as library_main  # python -m shaspec_tf.cli: no 'serve', but 'predict --server'
+from shaspec_tf.serving_client import GrpcClient, RestClient, ServingError, segment_volume
 from shaspec_tf.data.toy import toy_case
 from shaspec_tf.export import export_model
 
@@ -254,12 +255,15 @@ def test_predict_server_writes_the_same_nifti_as_predict_model(served, tmp_path,
         nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), path)
         args += [f"--{name}", str(path)]
     outputs = {}
-    for how, source in (("model", ["--model", str(served["root"] / "trained")]),
-                        ("grpc", ["--server", f"127.0.0.1:{served['server'].grpc_port}", "--model-name", "seg"]),
-                        ("rest", ["--server", f"127.0.0.1:{served['server'].rest_port}", "--model-name", "seg",
-                                  "--protocol", "rest"])):
+    grpc_source = ["--server", f"127.0.0.1:{served['server'].grpc_port}", "--model-name", "seg"]
+    for how, program, source in (
+            ("model", main, ["--model", str(served["root"] / "trained")]),
+            ("grpc", main, grpc_source),
+            ("rest", main, ["--server", f"127.0.0.1:{served['server'].rest_port}", "--model-name", "seg",
+                            "--protocol", "rest"]),
+            ("library", library_main, grpc_source)):  # the client is the library's: no serving app needed
         out = tmp_path / how / "seg.nii.gz"
-        assert main(["predict"] + source + args + ["--out", str(out)]) == 0
+        assert program(["predict"] + source + args + ["--out", str(out)]) == 0
         seg = nib.load(str(out))
         assert seg.shape == (44, 48, 40) and np.allclose(seg.affine, affine)
         outputs[how] = np.asanyarray(seg.dataobj)
@@ -267,6 +271,7 @@ def test_predict_server_writes_the_same_nifti_as_predict_model(served, tmp_path,
     assert set(np.unique(outputs["model"])) <= {0, 1, 2, 4} and len(np.unique(outputs["model"])) > 1
     np.testing.assert_array_equal(outputs["grpc"], outputs["model"])
     np.testing.assert_array_equal(outputs["rest"], outputs["model"])
+    np.testing.assert_array_equal(outputs["library"], outputs["model"])
     assert "segmented from flair+t1ce+t2" in capsys.readouterr().out
 
 
@@ -283,6 +288,10 @@ def test_cli_errors_are_one_line(served, tmp_path, capsys):
     assert main(["serve", "--model-base", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0]
+    # The library's command line alone has no 'serve': one line saying where it is, nothing started.
+    assert library_main(["serve", "--model-base", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shaspec serve: error: 'serve' is the serving app's command"), err
 
 
 # --------------------------------------------------------------------------------------------------------------

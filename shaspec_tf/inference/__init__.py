@@ -25,7 +25,7 @@ Typical use::
     labels = postprocess(labels, t1ce=raw_t1ce)                       # the paper's "ShaSpec*" row
 """
 from shaspec_tf.inference.postprocess import postprocess, probabilities_to_labels
-from shaspec_tf.inference.predict import _validate_roi, predict_case, sliding_window_predict
+from shaspec_tf.inference.predict import validate_roi, predict_case, sliding_window_predict
 from shaspec_tf.inference.window import (FLIPS, ROI_DIVISOR, gaussian_importance_map, window_probabilities,
                                          window_starts)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from shaspec_tf.inference.compiled import volume_function
 from shaspec_tf.inference.postprocess import postprocess, probabilities_to_labels
-from shaspec_tf.inference.window import FLIPS, ROI_DIVISOR, _flip_rows, sigma_scales, window_starts
+from shaspec_tf.inference.window import FLIPS, ROI_DIVISOR, flip_rows, sigma_scales, window_starts
 
 __all__ = ["sliding_window_predict", "predict_case"]
 
@@ -25,7 +25,7 @@ def _num_modalities(model) -> int:
         return 4
 
 
-def _validate_roi(roi_size) -> tuple:
+def validate_roi(roi_size) -> tuple:
     try:
         roi = tuple(int(r) for r in roi_size)
     except TypeError:
@@ -103,7 +103,7 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
     """
     m = _num_modalities(model)
     image, mask = _validate_inputs(image, modality_mask, m)
-    roi = _validate_roi(roi_size)
+    roi = validate_roi(roi_size)
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if mode not in ("gaussian", "constant"):
@@ -117,7 +117,7 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
 
     import keras
 
-    flips = _flip_rows(FLIPS if tta_flips else [()])
+    flips = flip_rows(FLIPS if tta_flips else [()])
     bar = _progress_bar(progress, len(flips))
     if bar is None:
         return np.asarray(keras.ops.convert_to_numpy(run(image, mask, flips)), dtype=np.float32)

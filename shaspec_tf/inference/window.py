@@ -30,7 +30,7 @@ _IMPORTANCE_FLOOR = 1e-3  # MONAI's lower clamp of the Gaussian importance map
 FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations(range(3), n))
 
 
-def _flip_rows(axes_list) -> np.ndarray:
+def flip_rows(axes_list) -> np.ndarray:
     return np.array([[int(a in axes) for a in range(3)] for axes in axes_list], dtype=np.int32)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from shaspec_tf.layers.resnet import ConvNormAct, _channels_shape
+from shaspec_tf.layers.resnet import ConvNormAct, channels_shape
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
@@ -38,7 +38,7 @@ class ASPP3D(keras.layers.Layer):
         for branch in self.branches:
             branch.build(input_shape)
         self.image_pool.build(input_shape)
-        self.project.build(_channels_shape(self.config["filters"] * (len(self.branches) + 1)))
+        self.project.build(channels_shape(self.config["filters"] * (len(self.branches) + 1)))
 
     def call(self, x, training=None):
         outputs = [branch(x, training=training) for branch in self.branches]

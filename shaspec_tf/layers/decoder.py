@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 
 from shaspec_tf.layers.resample import LinearUpsampling3D
-from shaspec_tf.layers.resnet import ConvNormAct, ResidualBlock3D, _channels_shape
+from shaspec_tf.layers.resnet import ConvNormAct, ResidualBlock3D, channels_shape
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
@@ -41,11 +41,11 @@ class Decoder3D(keras.layers.Layer):
         channels = x_shape[-1]
         for up, proj, block, skip_shape, f in zip(self.ups, self.skip_projections, self.blocks,
                                                    reversed(skips_shape), self.config["filters"]):
-            up.build(_channels_shape(channels))
+            up.build(channels_shape(channels))
             proj.build(skip_shape)
-            block.build(_channels_shape(f))
+            block.build(channels_shape(f))
             channels = f
-        self.head.build(_channels_shape(channels))
+        self.head.build(channels_shape(channels))
 
     def call(self, x, skips, training=None):
         for up, proj, block, skip in zip(self.ups, self.skip_projections, self.blocks, reversed(skips)):

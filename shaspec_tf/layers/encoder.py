@@ -7,7 +7,7 @@ from __future__ import annotations
 import keras
 
 from shaspec_tf.layers.aspp import ASPP3D
-from shaspec_tf.layers.resnet import ConvNormAct, ResNet3D, _channels_shape
+from shaspec_tf.layers.resnet import ConvNormAct, ResNet3D, channels_shape
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
@@ -35,8 +35,8 @@ class Encoder3D(keras.layers.Layer):
 
     def build(self, input_shape):
         self.trunk.build(input_shape)
-        self.reduce.build(_channels_shape(self.trunk.stage_channels[-1]))
-        self.aspp.build(_channels_shape(self.config["feature_channels"]))
+        self.reduce.build(channels_shape(self.trunk.stage_channels[-1]))
+        self.aspp.build(channels_shape(self.config["feature_channels"]))
 
     def call(self, x, training=None):
         stages = self.trunk(x, training=training)

@@ -19,7 +19,9 @@ RESNET_SETTINGS = {
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
-def _channels_shape(channels):
+def channels_shape(channels):
+    """The build shape ``(None, None, None, None, channels)`` of a 3D layer that only needs its channel count
+    (every batch and spatial size works)."""
     return (None, None, None, None, int(channels))
 
 
@@ -40,7 +42,7 @@ class ConvNormAct(keras.layers.Layer):
 
     def build(self, input_shape):
         self.conv.build(input_shape)
-        self.norm.build(_channels_shape(self.config["filters"]))
+        self.norm.build(channels_shape(self.config["filters"]))
 
     def call(self, x, training=None):
         x = self.norm(self.conv(x), training=training)
@@ -83,7 +85,7 @@ class ResidualBlock3D(keras.layers.Layer):
         shape = input_shape
         for unit in self.units:
             unit.build(shape)
-            shape = _channels_shape(unit.config["filters"])
+            shape = channels_shape(unit.config["filters"])
         if self.shortcut is not None:
             self.shortcut.build(input_shape)
         elif input_shape[-1] != self.out_channels:
@@ -146,7 +148,7 @@ class ResNet3D(keras.layers.Layer):
         self.stem.build(input_shape)
         channels = self.stage_channels[0]
         for block in self.blocks:
-            block.build(_channels_shape(channels))
+            block.build(channels_shape(channels))
             channels = block.out_channels
 
     def call(self, x, training=None):

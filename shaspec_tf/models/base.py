@@ -1,4 +1,5 @@
-"""Shared machinery of the ShaSpec models: configuration, mask validation, and the loss used by ``fit``."""
+"""Shared machinery of the ShaSpec models: configuration, serialisation, mask validation, and the loss used by
+``fit``."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,13 @@ from shaspec_tf import losses
 from shaspec_tf.models.masks import validate_modality_mask
 
 
-def _output_dtype() -> str:
-    """Logits leave the model in float32 under mixed precision (float64 when floatx is float64)."""
+def output_dtype() -> str:
+    """The dtype of the models' ``logits`` output layer: float32 under mixed precision (float64 when floatx is
+    float64)."""
     return "float64" if keras.config.floatx() == "float64" else "float32"
 
 
+@keras.saving.register_keras_serializable(package="shaspec_tf")
 class ShaSpecModel(keras.Model):
     """A functional Keras model with a ShaSpec configuration.
 
@@ -23,6 +26,11 @@ class ShaSpecModel(keras.Model):
 
     ``fit`` works without a compiled loss: :meth:`compute_loss` adds the task loss and the auxiliary losses
     (paper Eq. 9) and tracks each term as a metric (``task_loss``, ``alignment_loss``, ``domain_loss``).
+
+    The models are registered Keras classes (package ``shaspec_tf``): ``model.save("m.keras")`` writes one file and
+    ``keras.saving.load_model("m.keras")`` rebuilds the graph from ``shaspec_config`` (through
+    :func:`shaspec_tf.models.build_model`) and loads the weights, without ``custom_objects``, once
+    ``shaspec_tf.models`` is imported (see :func:`shaspec_tf.models.save_model`).
     """
 
     def __init__(self, inputs, outputs, config: dict, **kwargs):
@@ -40,11 +48,23 @@ class ShaSpecModel(keras.Model):
         return json.dumps(self.shaspec_config, sort_keys=True)
 
     def get_config(self):
-        return {"shaspec_config": self.shaspec_config, "name": self.name}
+        """The preset configuration and the model's name: everything :meth:`from_config` needs (the graph is a
+        function of ``shaspec_config``, so no layer configs are stored)."""
+        return {"shaspec_config": dict(self.shaspec_config), "name": self.name}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return cls(dict(config["shaspec_config"]), name=config.get("name"))
+        """Rebuild the model that :meth:`get_config` described, through :func:`shaspec_tf.models.build_model` (which
+        resolves the preset and fills the defaults of options added since the config was written)."""
+        from shaspec_tf.models import build_model  # the task -> class dispatch; models/__init__ imports this module
+
+        model = build_model(dict(config["shaspec_config"]))
+        if not isinstance(model, cls):
+            raise ValueError(f"a {cls.__name__} config describes a {type(model).__name__} (task "
+                             f"{model.shaspec_config.get('task')!r})")
+        if config.get("name") and config["name"] != model.name:
+            model.name = config["name"]
+        return model
 
     # -- calling ------------------------------------------------------------------------------------------------
     def validate_inputs(self, inputs) -> None:

@@ -11,7 +11,7 @@ from shaspec_tf import losses
 from shaspec_tf.layers import (ConvTrunk2D, DomainClassifier, MaskModalities, MergeModalityBatch,
                                MissingFeatureGenerator, ModalityStem2D, ResidualFusion, StackModalities,
                                UnfoldModalities)
-from shaspec_tf.models.base import ShaSpecModel, _output_dtype
+from shaspec_tf.models.base import ShaSpecModel, output_dtype
 
 
 def _classifier_graph(c: dict):
@@ -52,10 +52,11 @@ def _classifier_graph(c: dict):
     h = keras.layers.Dense(c["head_units"], activation="relu", name="head_fc1")(h)
     h = keras.layers.Dropout(c["dropout"], name="head_dropout")(h)
     logits = keras.layers.Dense(c["num_classes"], name="head_fc2")(h)
-    outputs["logits"] = keras.layers.Activation("linear", dtype=_output_dtype(), name="logits")(logits)
+    outputs["logits"] = keras.layers.Activation("linear", dtype=output_dtype(), name="logits")(logits)
     return inputs, outputs
 
 
+@keras.saving.register_keras_serializable(package="shaspec_tf")
 class ShaSpecClassifier(ShaSpecModel):
     """ShaSpec for classification. Inputs: one tensor per modality (AV-MNIST: ``image`` ``[B, 28, 28, 1]``, ``audio``
     ``[B, 20, 20, 1]``) and ``modality_mask`` ``[B, M]``. Outputs: ``logits`` ``[B, num_classes]``,

@@ -7,7 +7,7 @@ from shaspec_tf import losses
 from shaspec_tf.layers import (Decoder3D, DomainClassifier, Encoder3D, FoldModalities, MaskModalities,
                                MergeModalityBatch, MissingFeatureGenerator, ModalitiesToChannels, ResidualFusion,
                                StackModalities, UnfoldModalities)
-from shaspec_tf.models.base import ShaSpecModel, _output_dtype
+from shaspec_tf.models.base import ShaSpecModel, output_dtype
 from shaspec_tf.models.masks import validate_volume_shape
 
 
@@ -55,10 +55,11 @@ def _segmenter_graph(c: dict):
                         activation=c["activation"], weight_std=c["weight_std"],
                         symmetric_padding=c["symmetric_padding"], name="decoder")
     logits = decoder(ModalitiesToChannels(name="fused_channels")(fused), skips)
-    outputs["logits"] = keras.layers.Activation("linear", dtype=_output_dtype(), name="logits")(logits)
+    outputs["logits"] = keras.layers.Activation("linear", dtype=output_dtype(), name="logits")(logits)
     return inputs, outputs
 
 
+@keras.saving.register_keras_serializable(package="shaspec_tf")
 class ShaSpecSegmenter(ShaSpecModel):
     """ShaSpec for 3D segmentation.
 
