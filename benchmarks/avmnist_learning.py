@@ -30,7 +30,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from shaspec_tf.data.avmnist import build_avmnist
     from shaspec_tf.training.trainer import TrainConfig, train
-    from shaspec_tf.workflows import evaluate_trained
+    from shaspec_tf.trained import evaluate_trained
 
     work = args.work or tempfile.mkdtemp(prefix="avmnist-learning-")
     data = os.path.join(work, "data")

@@ -163,6 +163,21 @@ def atomic_write_json(target: str, value, **kwargs) -> None:
     atomic_write(target, json.dumps(value, **{"indent": 2, **kwargs}) + "\n")
 
 
+def read_json(path: str):
+    """The JSON value stored in ``path``: ``FileNotFoundError`` when it is absent, a one-line ``ValueError`` naming
+    the file when it is not UTF-8 JSON (a garbage or truncated file)."""
+    try:
+        if is_uri(path):
+            with _gfile().GFile(path, "rb") as f:
+                data = f.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from error
+
+
 def same_file(a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` name the same file (links and relative spellings included)."""
     if is_uri(a) or is_uri(b):

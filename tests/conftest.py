@@ -53,3 +53,23 @@ def gradients(model, inputs, loss_fn):
 
         return [to_numpy(g) for g in jax.grad(objective)(trainable)]
     raise NotImplementedError(BACKEND)
+
+
+@pytest.fixture(scope="module")
+def brats_data(tmp_path_factory):
+    """Three toy BraTS records (36x40x40, two with missing modalities) as a prepared ``train`` split, for training
+    tests (TensorFlow)."""
+    import tensorflow as tf
+
+    from shaspec_tf.data.schema import BratsRecord, brats_example
+    from shaspec_tf.data.toy import toy_case
+
+    root = tmp_path_factory.mktemp("brats")
+    os.makedirs(root / "train")
+    rng = np.random.default_rng(0)
+    with tf.io.TFRecordWriter(str(root / "train" / "data-00000-of-00001.tfrecord")) as writer:
+        for i, mask in enumerate(([1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 0])):
+            image, labels = toy_case(rng, (36, 40, 40))
+            image = image * np.asarray(mask, np.float32)
+            writer.write(brats_example(BratsRecord(f"c{i}", image, np.asarray(mask), labels)).SerializeToString())
+    return str(root)

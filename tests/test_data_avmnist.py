@@ -284,7 +284,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 def test_failure_midway_leaves_no_output_and_keeps_an_earlier_build(small_build, tmp_path, monkeypatch, stage):
     out, _ = small_build
     before = all_bytes(out)
-    real_load, real_manifest, calls = avmnist.load_wav, avmnist._write_manifest, []
+    real_load, real_manifest, calls = avmnist.load_wav, avmnist.build._write_manifest, []
 
     def flaky_load(path):
         calls.append(path)
@@ -298,9 +298,9 @@ def test_failure_midway_leaves_no_output_and_keeps_an_earlier_build(small_build,
         raise RuntimeError("disk on fire")
 
     if stage == "reading audio":
-        monkeypatch.setattr(avmnist, "load_wav", flaky_load)
+        monkeypatch.setattr(avmnist.plan, "load_wav", flaky_load)
     else:
-        monkeypatch.setattr(avmnist, "_write_manifest", flaky_manifest)
+        monkeypatch.setattr(avmnist.build, "_write_manifest", flaky_manifest)
     for target in (out, tmp_path / "fresh"):
         calls.clear()
         with pytest.raises(RuntimeError, match="disk on fire"):
@@ -422,10 +422,10 @@ def test_default_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SHASPEC_DATA", str(tmp_path))
     assert avmnist.default_data_dir() == tmp_path
     monkeypatch.delenv("SHASPEC_DATA")
-    repo = Path(avmnist.__file__).resolve().parents[2]
+    repo = Path(avmnist.__file__).resolve().parents[3]
     expected = repo.parent / "shared" / "data"
     assert avmnist.default_data_dir() == (expected if expected.is_dir() else None)
-    monkeypatch.setattr(avmnist, "_repo_root", lambda: tmp_path / "repo")
+    monkeypatch.setattr(avmnist.sources, "_repo_root", lambda: tmp_path / "repo")
     assert avmnist.default_data_dir() is None
     with pytest.raises(FileNotFoundError) as info:
         avmnist.require_data_dir()

@@ -42,8 +42,8 @@ def test_templates_come_from_nilearn_offline(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    phantom._mni_templates.cache_clear()
-    t1, gm, wm, mask = phantom._mni_templates()
+    phantom.anatomy._mni_templates.cache_clear()
+    t1, gm, wm, mask = phantom.anatomy._mni_templates()
     assert t1.shape == gm.shape == wm.shape == mask.shape
     # The MNI152 brain (1 mm voxels, cropped to the mask): about 145 x 181 x 155 mm (W, H, D) and 1.9 litres.
     assert 150 <= t1.shape[0] <= 165 and 180 <= t1.shape[1] <= 190 and 145 <= t1.shape[2] <= 155
@@ -223,23 +223,23 @@ def test_drop_rate_one_keeps_one_sequence_and_the_seg(tmp_path):
 
 
 def test_drop_law():
-    draws = [phantom._drops(3, k, 0.3) for k in range(3000)]
+    draws = [phantom.drops(3, k, 0.3) for k in range(3000)]
     frequency = {m: np.mean([m in d for d in draws]) for m in BRATS}
     assert all(abs(f - 0.3) < 0.035 for f in frequency.values()), frequency
     assert all(len(d) < 4 for d in draws)                     # ~24 of 3000 would lose all four
-    assert all(phantom._drops(3, k, 0.0) == [] for k in range(50))
-    assert all(len(phantom._drops(3, k, 1.0)) == 3 for k in range(50))
+    assert all(phantom.drops(3, k, 0.0) == [] for k in range(50))
+    assert all(len(phantom.drops(3, k, 1.0)) == 3 for k in range(50))
 
 
 def test_interrupted_write_leaves_no_half_case_and_resumes(tmp_path, monkeypatch):
-    real_save = phantom._save_nifti
+    real_save = phantom.dataset.save_nifti
 
     def failing_save(array, affine, path, dtype):
         if "Phantom_0001_t1ce" in path.name:
             raise RuntimeError("disk full")
         return real_save(array, affine, path, dtype)
 
-    monkeypatch.setattr(phantom, "_save_nifti", failing_save)
+    monkeypatch.setattr(phantom.dataset, "save_nifti", failing_save)
     with pytest.raises(RuntimeError, match="disk full"):
         write_phantom_dataset(tmp_path, 3, seed=2, progress=False)
     # no half case, no temporary folder
@@ -248,7 +248,7 @@ def test_interrupted_write_leaves_no_half_case_and_resumes(tmp_path, monkeypatch
     first = tmp_path / "Phantom_0000" / "Phantom_0000_flair.nii.gz"
     stamp = first.stat().st_mtime_ns
 
-    monkeypatch.setattr(phantom, "_save_nifti", real_save)
+    monkeypatch.setattr(phantom.dataset, "save_nifti", real_save)
     manifest = write_phantom_dataset(tmp_path, 3, seed=2, progress=False, skip_existing=True)
     assert first.stat().st_mtime_ns == stamp                                  # resumed, not rewritten
     assert sorted(os.listdir(tmp_path)) == [fileio.MARKER, "Phantom_0000", "Phantom_0001", "Phantom_0002",

@@ -169,6 +169,7 @@ def test_segment_volume_probabilities_are_the_python_apis(exported):
 
     from shaspec_tf.export import _labels_from_probabilities
     from shaspec_tf.inference import window_probabilities
+    from shaspec_tf.tasks.brats import BRATS_LABEL_PRECEDENCE
 
     model, x = exported["segmenter"], exported["inputs"]
     seg = make_serving_functions(model)["segment_volume"]
@@ -185,7 +186,8 @@ def test_segment_volume_probabilities_are_the_python_apis(exported):
             api = sliding_window_predict(model, x[key], x[key + "_mask"], roi_size=(32, 64, 64), sw_batch_size=sw)
             np.testing.assert_allclose(graph, api, rtol=0, atol=1e-6)
         labels = seg(image=x[key][None], modality_mask=x[key + "_mask"][None])["labels"].numpy()[0]
-        np.testing.assert_array_equal(labels, _labels_from_probabilities(tf, tf.constant(graph)).numpy())
+        rule = _labels_from_probabilities(tf, tf.constant(graph), BRATS_LABEL_PRECEDENCE)
+        np.testing.assert_array_equal(labels, rule.numpy())
 
 
 def test_segment_volume_holds_no_xla_ops(exported):

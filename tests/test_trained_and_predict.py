@@ -147,7 +147,7 @@ def test_predict_refuses_an_output_that_is_an_input_before_any_work(tmp_path, ca
 
 def test_write_nifti_labels_leaves_no_partial_file(tmp_path, monkeypatch):
     from shaspec_tf import fileio
-    from shaspec_tf.workflows import nifti_inputs, read_nifti_case, write_nifti_labels
+    from shaspec_tf.segment_nifti import nifti_inputs, read_nifti_case, write_nifti_labels
 
     paths = _nifti_inputs(tmp_path, names=("flair",))
     given = nifti_inputs({"flair": str(paths["flair"])})
@@ -176,7 +176,7 @@ def test_write_nifti_labels_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def test_load_trained_names_garbage_files(trained, tmp_path, capsys):
-    from shaspec_tf.workflows import load_trained
+    from shaspec_tf.trained import load_trained
 
     config_text = (trained / "shaspec" / "model_config.json").read_text()
     weights = (trained / "shaspec" / "model.weights.h5").read_bytes()

@@ -11,28 +11,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import shaspec_tf
 from shaspec_tf import fileio
-from shaspec_tf.data.schema import BratsRecord, avmnist_example, brats_example
-from shaspec_tf.data.toy import toy_case
+from shaspec_tf.data.schema import avmnist_example
 from shaspec_tf.training import PolyDecay, make_optimizer, make_schedule
 from shaspec_tf.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.tensorflow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
-
-@pytest.fixture(scope="module")
-def brats_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("brats")
-    os.makedirs(root / "train")
-    rng = np.random.default_rng(0)
-    with tf.io.TFRecordWriter(str(root / "train" / "data-00000-of-00001.tfrecord")) as writer:
-        for i, mask in enumerate(([1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 0])):
-            image, labels = toy_case(rng, (36, 40, 40))
-            image = image * np.asarray(mask, np.float32)
-            writer.write(brats_example(BratsRecord(f"c{i}", image, np.asarray(mask), labels)).SerializeToString())
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +68,14 @@ def test_training_writes_weights_history_curves_and_checkpoints(brats_data, tmp_
     assert marker["kind"] == "train-run" and marker["state"] == "complete" and marker["steps"] == 4
     assert marker["run"]["steps"] == 4 and marker["run"]["data"] == os.path.abspath(brats_data)
     assert "model.weights.h5" in marker["files"] and not _partials(out)
+    # the same model as one .keras file, loadable without the folder's config
+    restored = keras.saving.load_model(str(out / "model.keras"))
+    reference = shaspec_tf.build_segmenter("tiny")
+    reference.load_weights(str(out / "model.weights.h5"))
+    x = {"image": np.random.default_rng(0).normal(size=(1, 32, 32, 32, 4)).astype("float32"),
+         "modality_mask": np.array([[1, 0, 1, 1]], "float32")}
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(x)["logits"]),
+                               keras.ops.convert_to_numpy(reference(x)["logits"]), rtol=0, atol=1e-6)
 
 
 def _partials(folder):

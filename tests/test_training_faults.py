@@ -12,28 +12,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from shaspec_tf import fileio
-from shaspec_tf.data.schema import BratsRecord, brats_example
-from shaspec_tf.data.toy import toy_case
 
 pytestmark = pytest.mark.tensorflow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def brats_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("brats")
-    os.makedirs(root / "train")
-    rng = np.random.default_rng(0)
-    with tf.io.TFRecordWriter(str(root / "train" / "data-00000-of-00001.tfrecord")) as writer:
-        for i, mask in enumerate(([1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 0])):
-            image, labels = toy_case(rng, (36, 40, 40))
-            image = image * np.asarray(mask, np.float32)
-            writer.write(brats_example(BratsRecord(f"c{i}", image, np.asarray(mask), labels)).SerializeToString())
-    return str(root)
 
 
 def _command(data, out):

@@ -21,21 +21,13 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
 from shaspec_tf.fileio import MARKER
+from shaspec_tf.tasks import get_task
 
 RUN_KIND = "train-run"
-
-TASK_DEFAULTS = {
-    # BraTS: the official random modality dropout; AV-MNIST: only the missingness the data carries (the paper's
-    # audio-rate protocol) unless --drop-rate asks for more.
-    "brats": dict(preset="small", batch_size=2, learning_rate=1e-2, optimizer="sgd", weight_decay=0.0,
-                  drop_rate=1.0),
-    "avmnist": dict(preset="avmnist", batch_size=32, learning_rate=1e-3, optimizer="adam", weight_decay=1e-2,
-                    drop_rate=0.0),
-}
 
 # The options that define what a run computes: a re-run into the same folder resumes only when these are equal
 # (``out``, ``jit_compile``, ``run_eagerly``, ``strategy`` and ``deterministic`` say how it runs, not what).
@@ -51,6 +43,10 @@ CHOICES = {"variant": ("shaspec", "baseline"), "regime": ("non-dedicated", "dedi
 
 @dataclass
 class TrainConfig:
+    """Every option of a training run, under the names the CLI, the pipeline's ``TaskConfig`` and the TFX Trainer
+    use. ``None`` options take the task's defaults (:class:`shaspec_tf.tasks.TrainDefaults`: preset, batch size,
+    optimiser, learning rate, weight decay, drop rate); every other default is written here, once."""
+
     task: str
     data: str
     out: str
@@ -81,12 +77,9 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """The configuration with the task's defaults filled in; a one-line ``ValueError`` for any bad value."""
-        if self.task not in TASK_DEFAULTS:
-            raise ValueError(f"unknown task {self.task!r}: expected brats or avmnist")
-        values = asdict(self)
-        for key, value in TASK_DEFAULTS[self.task].items():
-            if values.get(key) is None:
-                values[key] = value
+        task = get_task(self.task)
+        values = task.fill_defaults(asdict(self))
+        values["task"] = task.name
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps or epochs")
         for key, choices in CHOICES.items():
@@ -128,6 +121,20 @@ class TrainConfig:
         return TrainConfig(**values)
 
 
+class OptionDefaults(dict):
+    """``OptionDefaults()["checkpoint_every"]``: :class:`TrainConfig`'s default of a field;
+    ``["task_preset"]``: every task's default of an option, ``"small for brats, avmnist for avmnist"`` (the
+    ``shaspec train`` help shows them)."""
+
+    def __missing__(self, key):
+        from shaspec_tf.tasks import all_tasks
+
+        if key.startswith("task_"):
+            values = [(t.name, t.train_defaults.as_dict()[key[5:]]) for t in all_tasks()]
+            return ", ".join(f"{v:g} for {n}" if isinstance(v, float) else f"{v} for {n}" for n, v in values)
+        return next(f.default for f in fields(TrainConfig) if f.name == key)
+
+
 def run_options(config) -> dict:
     """The run-defining options of a resolved config (a :class:`TrainConfig` or the dict of a ``train_config.json``),
     as JSON values (a local ``data`` path made absolute)."""
@@ -141,14 +148,6 @@ def run_options(config) -> dict:
 def _differences(saved: dict, here: dict) -> list:
     return [f"{key} {saved.get(key)!r} there, {here.get(key)!r} here"
             for key in sorted(set(saved) | set(here)) if saved.get(key) != here.get(key)]
-
-
-def _subset_mask(subset: str, modalities) -> list:
-    names = [name for name in subset.split("+") if name]
-    unknown = sorted(set(names) - set(modalities))
-    if unknown or not names:
-        raise ValueError(f"subset {subset!r}: unknown modalities {unknown}; choose from {'+'.join(modalities)}")
-    return [1 if m in names else 0 for m in modalities]
 
 
 def _records(data: str, task: str, split: str) -> list:
@@ -214,10 +213,11 @@ def _strategy(name: str):
 
 
 def _read_json(path: str):
+    from shaspec_tf.fileio import read_json
+
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as error:
+        return read_json(path)
+    except OSError as error:
         raise ValueError(f"{path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]})") from error
 
 
@@ -324,9 +324,8 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
     import keras
     import tensorflow as tf
 
-    import shaspec_tf
     from shaspec_tf import fileio
-    from shaspec_tf.data.input import ModalityDropout, avmnist_dataset, brats_dataset
+    from shaspec_tf.data.input import ModalityDropout
     from shaspec_tf.training import checkpoint
     from shaspec_tf.training.schedules import make_optimizer, make_schedule
 
@@ -334,22 +333,21 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(c.seed)
     # -- everything about the input is checked before the folder is touched ----------------------------------------
-    train_files = _records(c.data, c.task, "train")
-    build = shaspec_tf.build_segmenter if c.task == "brats" else shaspec_tf.build_classifier
+    task = get_task(c.task)
+    train_files = _records(c.data, c.task, task.train_split)
     strategy = _strategy(c.strategy)
     with strategy.scope():
-        model = build(c.preset, variant=c.variant, **c.model_options)
-    model_config, modalities = dict(model.shaspec_config), model.modalities
-    subset = _subset_mask(c.subset, modalities) if c.regime == "dedicated" else None
-    if c.task == "brats":
-        _require_a_record(c.data, train_files)
-        crop = tuple(c.crop_size or model_config["crop_size"])
-        steps_per_epoch = min(c.checkpoint_every, c.steps) if c.steps else c.checkpoint_every
-        total = c.steps if c.steps else c.epochs * steps_per_epoch
-    else:
+        model = task.build_model(c.preset, variant=c.variant, **c.model_options)
+    model_config = dict(model.shaspec_config)
+    subset = task.subset_mask(c.subset) if c.regime == "dedicated" else None
+    if task.one_pass_epochs:    # an epoch: one pass over the records, in checkpoints of at most checkpoint_every
         per_epoch = math.ceil(_count_records(c.data, train_files) / c.batch_size)
         total = c.steps if c.steps else c.epochs * per_epoch
         steps_per_epoch = min(c.checkpoint_every, per_epoch, total)
+    else:                       # an endless stream of random crops: an epoch is checkpoint_every steps
+        _require_a_record(c.data, train_files)
+        steps_per_epoch = min(c.checkpoint_every, c.steps) if c.steps else c.checkpoint_every
+        total = c.steps if c.steps else c.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     total = epochs * steps_per_epoch
     marker = found.get("marker") or {}
@@ -400,13 +398,7 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
     start_step = start_epoch * steps_per_epoch
 
     dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset)
-    if c.task == "brats":
-        data = brats_dataset(train_files, batch_size=c.batch_size, crop_size=crop, seed=c.seed, dropout=dropout,
-                             start_step=start_step)
-    else:
-        data = avmnist_dataset(train_files, batch_size=c.batch_size, seed=c.seed, audio_rate=c.audio_rate,
-                               dropout=dropout if (subset or c.drop_rate > 0) else None)
-        data = data.repeat().skip(start_step)
+    data = task.train_dataset(train_files, c, dropout, start_step, model_config)
 
     saver = checkpoint.make_callback(checkpoints, os.path.join(c.out, "history.json"), steps_per_epoch,
                                      dict(run=options, steps_per_epoch=steps_per_epoch, total_steps=total), history)
@@ -422,6 +414,9 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
         raise _data_error(train_files, error) from None
     with fileio.atomic_path(os.path.join(c.out, "model.weights.h5"), suffix=".weights.h5") as tmp:
         model.save_weights(tmp)
+    from shaspec_tf.models.saving import save_model
+
+    save_model(model, c.out, include_optimizer=False)  # model.keras: the same model as one keras.saving file
     fileio.atomic_write(os.path.join(c.out, "history.json"), json.dumps(saver.history, indent=2) + "\n")
     _plot_learning_curves(saver.history, steps_per_epoch, os.path.join(c.out, "learning_curves.png"))
     fileio.write_marker(c.out, RUN_KIND, **dict(run_marker, state="complete"))

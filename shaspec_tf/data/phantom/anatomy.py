@@ -1,56 +1,15 @@
-"""Realistic synthetic BraTS phantoms: MNI152 anatomy, four MRI contrasts, a glioma with BraTS labels, written as
-BraTS-layout NIfTI cases.
-
-Where :mod:`shaspec_tf.data.toy` draws an ellipsoid in NumPy, this generator starts from the real MNI152 2009 templates
-that ship inside ``nilearn`` 0.10.4 (offline: the T1 template, the grey- and white-matter probability maps and the
-brain mask) and, per case:
-
-1. **Anatomy.** The templates are cropped to the brain, anti-aliased and resampled (``scipy.ndimage.zoom``, order 1)
-   into the BraTS field of view (155 x 240 x 240 mm, D x H x W) at the requested shape; CSF is the brain mask minus
-   GM minus WM (clipped). This part is cached per shape. Each case then gets a random similarity transform (scale
-   0.88-1.0, rotation of a few degrees, shift of a few mm), a small smooth elastic deformation (2-4 mm) and the mass
-   effect of its tumour (tissue pushed away from the tumour centre, sulci effaced), all in one resampling pass.
-2. **Tumour.** A core made of a few random anisotropic Gaussian blobs, lobulated by a smooth random field and
-   thresholded to a random volume (equivalent radius 10-25 mm), centred in deep white matter; a necrotic centre
-   (label 1) that lies deeper than a rim of random, spatially varying thickness (enhancing tumour, label 4);
-   peritumoural oedema (label 2) around the core, 0.6-3 times the core volume, irregular and spreading through white
-   matter rather than cortex or CSF. Labels are clipped to the brain mask.
-3. **Contrasts.** Per-tissue intensity tables (jittered per case) for FLAIR, T1, T1ce and T2 (T1: WM > GM > CSF; T2:
-   CSF > GM > WM; FLAIR: CSF suppressed, GM > WM; T1 and T1ce are blended with the real T1 template), with the
-   tumour sub-regions complementary across sequences as in real MRI: the enhancing rim is bright in T1ce only,
-   oedema is bright in FLAIR and T2, necrosis is dark in T1 and T1ce (and fluid-bright in T2). T1ce also shows
-   enhancing pial vessels in the sulci. Tumour boundaries get a half-voxel partial-volume blur and a texture.
-4. **Scanner.** A smooth multiplicative bias field per sequence, Rician noise, and a random global scale per
-   sequence; values are rounded to integers (in the hundreds to low thousands, int16-safe), every brain voxel is
-   >= 1 and the background is exactly 0.
-
-Arrays are ``[D, H, W]`` (see :mod:`shaspec_tf.data.schema`): the NIfTI files hold ``array.transpose(2, 1, 0)``, with
-a diagonal RAS affine of spacing 155/D, 240/H, 240/W mm along D, H, W (1 mm at the full BraTS size
-``shape=(155, 240, 240)``) and the origin at the centre of the volume.
-
-Everything is deterministic per seed (independent random streams for geometry, tumour, contrast table and each
-sequence, so dropping a sequence leaves the others unchanged). :func:`write_phantom_dataset` writes case ``k`` of a
-dataset from the seed ``phantom_case_seed(seed, k)``, so case ``k`` is the same whatever the number of cases.
-
-Needs ``nilearn==0.10.4`` and ``scipy`` (the ``pipeline`` extra); imported lazily.
-"""
+"""Phantom generation: MNI152 anatomy, contrasts, tumour and scanner effects of one case (see the package docstring)."""
 from __future__ import annotations
 
 import functools
-import json
-import os
-import re
-from pathlib import Path
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .schema import BRATS_MODALITIES
+from ..schema import BRATS_MODALITIES
 
 PHANTOM_VERSION = 1
 #: The ownership marker's kind (:mod:`shaspec_tf.fileio`) of a :func:`write_phantom_dataset` folder.
-KIND = "phantom-nifti"
-MANIFEST = "phantoms.json"
 DEFAULT_SHAPE = (48, 64, 64)          # D, H, W: 3.2 x 3.75 x 3.75 mm voxels, a few tenths of a second per case
 BRATS_SHAPE = (155, 240, 240)         # D, H, W of a real BraTS volume (NIfTI 240 x 240 x 155 at 1 mm)
 FOV_MM = (155.0, 240.0, 240.0)        # the BraTS field of view, D, H, W
@@ -70,7 +29,7 @@ _T1_TEMPLATE_BLEND = 0.4   # weight of the real MNI T1 template in the T1 and T1
 _VESSEL_T1CE = 0.9         # enhancing vessels (pial veins) in T1ce, on top of the sulcal CSF
 
 # Seed streams of one case (np.random.default_rng([seed, stream])).
-_GEOMETRY, _TUMOUR, _TABLE, _DROP = 0, 1, 2, 3
+_GEOMETRY, _TUMOUR, _TABLE, DROP_STREAM = 0, 1, 2, 3
 _MODALITY_STREAM = 10
 
 
@@ -97,11 +56,11 @@ def phantom_case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint32)[0])
 
 
-def _rng(seed: int, stream: int, *more: int) -> np.random.Generator:
+def stream_rng(seed: int, stream: int, *more: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(stream), *map(int, more)])
 
 
-def _check_shape(shape) -> Tuple[int, int, int]:
+def check_shape(shape) -> Tuple[int, int, int]:
     shape = DEFAULT_SHAPE if shape is None else tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"phantom shape must be three sizes >= 16 (D, H, W), got {shape}")
@@ -386,7 +345,7 @@ def make_phantom_case(seed: int, shape: Optional[Sequence[int]] = None, drop: It
     do not change the others."""
     from scipy import ndimage as ndi
 
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     drop = tuple(drop)
     unknown = sorted(set(drop) - set(BRATS_MODALITIES))
     if unknown:
@@ -397,8 +356,8 @@ def make_phantom_case(seed: int, shape: Optional[Sequence[int]] = None, drop: It
     anat = _anatomy(shape)
     sp = anat["spacing"]
 
-    tumour = _tumour_params(_rng(seed, _TUMOUR), anat)
-    box, maps, centre = _deformed_anatomy(anat, _rng(seed, _GEOMETRY), tumour)
+    tumour = _tumour_params(stream_rng(seed, _TUMOUR), anat)
+    box, maps, centre = _deformed_anatomy(anat, stream_rng(seed, _GEOMETRY), tumour)
     brain = maps["mask"] > 0.5
     gm = np.clip(maps["gm"], 0.0, 1.0)
     wm = np.clip(maps["wm"], 0.0, 1.0)
@@ -415,13 +374,13 @@ def make_phantom_case(seed: int, shape: Optional[Sequence[int]] = None, drop: It
                for c in ("necrosis", "oedema", "enhancing")}
     normal_weight = np.clip(1.0 - sum(weights.values()), 0.0, 1.0)
 
-    jitter = np.exp(_rng(seed, _TABLE).normal(0.0, 0.05, (len(BRATS_MODALITIES), len(_TISSUES))))
+    jitter = np.exp(stream_rng(seed, _TABLE).normal(0.0, 0.05, (len(BRATS_MODALITIES), len(_TISSUES))))
     inside = np.nonzero(brain)
     volumes = {}
     for m, name in enumerate(BRATS_MODALITIES):
         if name in drop:
             continue
-        rng = _rng(seed, _MODALITY_STREAM + m)
+        rng = stream_rng(seed, _MODALITY_STREAM + m)
         table = dict(zip(_TISSUES, np.asarray(_CONTRAST[name]) * jitter[m]))
         image = csf * table["csf"] + gm * table["gm"] + wm * table["wm"]
         if name in ("t1", "t1ce"):
@@ -457,167 +416,3 @@ def make_phantom_case(seed: int, shape: Optional[Sequence[int]] = None, drop: It
             full[key] = arr
         result = result + (full,)
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Datasets on disk
-
-
-def _drops(seed: int, index: int, drop_rate: float):
-    """Which sequences case ``index`` lacks: each independently with probability ``drop_rate``, but never all."""
-    rng = _rng(seed, _DROP, index)
-    draws = rng.random(len(BRATS_MODALITIES))
-    keep = int(rng.integers(len(BRATS_MODALITIES)))
-    dropped = [m for m, u in zip(BRATS_MODALITIES, draws) if u < drop_rate]
-    if len(dropped) == len(BRATS_MODALITIES):
-        dropped.remove(BRATS_MODALITIES[keep])
-    return dropped
-
-
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype) -> None:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.asarray(array.transpose(2, 1, 0), dtype=dtype), affine)
-    img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    from shaspec_tf import fileio
-
-    fileio.atomic_write(str(path), json.dumps(payload, indent=1))
-
-
-def legacy_output(folder) -> bool:
-    """Whether ``folder`` (no ownership marker) is a phantom data set written before markers existed: a
-    ``phantoms.json`` of this generator, and nothing else than case folders ``<prefix>_NNNN`` (its prefix) holding
-    only that case's ``.nii.gz`` sequences and seg."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("generator") != "shaspec_tf.data.phantom" or \
-            not isinstance(manifest.get("prefix"), str):
-        return False
-    case = re.compile(re.escape(manifest["prefix"]) + r"_\d{4,}")
-    names = "|".join(BRATS_MODALITIES + (SEG_SUFFIX,))
-    for entry in os.scandir(folder):
-        if entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
-            continue
-        if not (case.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)):
-            return False
-        own = re.compile(re.escape(entry.name) + f"_({names})\\.nii\\.gz")
-        if not all(own.fullmatch(f.name) and f.is_file(follow_symlinks=False) for f in os.scandir(entry.path)):
-            return False
-    return True
-
-
-def _clean_litter(folder: Path) -> None:
-    """Remove the ``.NAME.partial-HOST-PID-*`` leftovers of dead runs in ``folder``, whatever ``NAME``
-    (:func:`shaspec_tf.fileio.clean_stale` looks for one name at a time)."""
-    from shaspec_tf import fileio
-
-    if not folder.is_dir():
-        return
-    for name in {e[1:].split(".partial-", 1)[0] for e in os.listdir(folder)
-                 if e.startswith(".") and ".partial-" in e}:
-        fileio.clean_stale(str(folder / name))
-
-
-def write_phantom_dataset(out_dir: Union[str, os.PathLike], cases: Union[int, Iterable[int]],
-                          shape: Optional[Sequence[int]] = None, seed: int = 0, drop_rate: float = 0.0,
-                          prefix: str = "Phantom", skip_existing: bool = False, progress: bool = True) -> dict:
-    """Write phantom cases in the BraTS 2018-2021 layout: ``out_dir/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``
-    with ``<case> = f"{prefix}_{k:04d}"``; sequences are int16 (exact: the values are integers), the seg uint8.
-
-    ``cases`` is a count (cases ``0 .. N-1``, N >= 1) or the case indices to write. Case ``k`` is generated from
-    :func:`phantom_case_seed` ``(seed, k)``, so it is identical whatever the other cases. With ``drop_rate`` P each
-    sequence file of a case is left out independently with probability P (an incomplete acquisition), keeping at
-    least one (chosen uniformly when all four would go); the seg is always written. Each case is written into a
-    hidden temporary folder (``.<case>.partial-HOST-PID-RANDOM``; those of killed runs are removed by later ones) and
-    renamed into place, so an interrupted run never leaves a half case that looks whole; ``skip_existing=True``
-    resumes such a run (keeps case folders already there). ``phantoms.json`` (rewritten atomically after every case)
-    records the seed, shape, spacing, drop rate and, per case, its seed and the sequences present and dropped.
-    Returns that manifest.
-
-    ``out_dir`` must be absent, empty, or a phantom data set of ours: the ownership marker of
-    :mod:`shaspec_tf.fileio` (kind ``"phantom-nifti"``, updated before each case lands) must list everything in it,
-    or, for a data set from before markers, :func:`legacy_output` must vouch for it. Anything else is refused with a
-    one-line ``FileExistsError`` before any file is written, so no case folder or ``phantoms.json`` of someone else
-    is ever replaced."""
-    from tqdm import tqdm
-
-    from shaspec_tf import fileio
-
-    if not 0.0 <= float(drop_rate) <= 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate}")
-    shape = _check_shape(shape if shape is not None else DEFAULT_SHAPE)
-    if isinstance(cases, (int, np.integer)) and int(cases) < 1:
-        raise ValueError(f"the number of cases must be >= 1, got {cases}")
-    indices = list(range(int(cases))) if isinstance(cases, (int, np.integer)) else [int(k) for k in cases]
-    if not indices or any(k < 0 for k in indices) or len(set(indices)) != len(indices):
-        raise ValueError("case indices must be distinct, >= 0, and at least one")
-    if int(seed) < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    out = Path(out_dir)
-    # A killed run's partial case folders (ours by their name; their process is gone) go first: the ownership check
-    # would count their files as foreign (fileio.list_files skips partial files, not the files in partial folders).
-    _clean_litter(out)
-    ours = fileio.ensure_replaceable(str(out), KIND, check_sizes=False, legacy=legacy_output)
-    out.mkdir(parents=True, exist_ok=True)
-    marker = fileio.read_marker(str(out)) if ours else None
-    # What the marker lists: every file in the folder (checked ours above), kept a superset of what is there at any
-    # moment, so that a run killed between two steps leaves a folder a later run still recognises.
-    listed = dict(marker["files"]) if marker else fileio.list_files(str(out))
-    listed.setdefault(MANIFEST, 0)              # rewritten after every case
-    fileio.write_marker(str(out), KIND, files=listed)
-    manifest = {
-        "generator": "shaspec_tf.data.phantom", "version": PHANTOM_VERSION, "seed": int(seed),
-        "shape": list(shape), "nifti_shape": list(shape[::-1]), "spacing_mm": phantom_spacing(shape).tolist(),
-        "drop_rate": float(drop_rate), "prefix": prefix, "modalities": list(BRATS_MODALITIES),
-        "num_cases": len(indices), "cases": [],
-    }
-
-    for k in tqdm(indices, desc="phantoms", unit="case", disable=not progress):
-        case_id = f"{prefix}_{k:04d}"
-        dropped = _drops(seed, k, float(drop_rate))
-        entry = {"case_id": case_id, "index": k, "seed": phantom_case_seed(seed, k), "dropped": dropped,
-                 "present": [m for m in BRATS_MODALITIES if m not in dropped]}
-        final = out / case_id
-        if not (skip_existing and final.is_dir()):
-            volumes, labels, affine = make_phantom_case(entry["seed"], shape, drop=dropped)
-            tmp = Path(fileio.staging_dir(str(final)))
-            old = None
-            try:
-                for name, volume in volumes.items():
-                    _save_nifti(volume, affine, tmp / f"{case_id}_{name}.nii.gz", np.int16)
-                _save_nifti(labels, affine, tmp / f"{case_id}_{SEG_SUFFIX}.nii.gz", np.uint8)
-                # listed before it lands
-                listed.update({f"{case_id}/{name}": size for name, size in fileio.list_files(str(tmp)).items()})
-                fileio.write_marker(str(out), KIND, files=listed)
-                if final.exists():                                      # overwrite: swap, then delete the old one
-                    old = Path(fileio.partial_name(str(final)))         # a dead run's leftover is cleaned later
-                    os.rename(final, old)
-                os.rename(tmp, final)
-            except BaseException:
-                fileio.remove_tree(str(tmp))
-                if old is not None and not final.exists():
-                    os.rename(old, final)
-                raise
-            if old is not None:
-                fileio.remove_tree(str(old))
-            entry["label_voxels"] = {str(v): int(np.sum(labels == v)) for v in LABELS.values()}
-        manifest["cases"].append(entry)
-        _write_json(out / MANIFEST, manifest)
-    _write_json(out / MANIFEST, manifest)
-    # The final listing: exactly what the folder holds (all of it ours: checked at the start, written since).
-    fileio.write_marker(str(out), KIND, files={k: v for k, v in fileio.list_files(str(out)).items()
-                                               if k in listed or k == MANIFEST})
-    return manifest
-
-
-__all__ = ["BRATS_SHAPE", "DEFAULT_SHAPE", "FOV_MM", "KIND", "LABELS", "legacy_output", "make_phantom_case",
-           "phantom_affine", "phantom_case_seed", "phantom_spacing", "write_phantom_dataset"]
