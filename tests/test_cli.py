@@ -38,12 +38,12 @@ def test_unknown_command_is_an_error():
 
 
 def test_errors_print_the_plain_first_line(monkeypatch, capsys):
-    from shaspec_tf import cli
+    from shaspec_tf import commands
 
     def fails_with(error):
         def command(args):
             raise error
-        monkeypatch.setattr(cli, "_info", command)
+        monkeypatch.setattr(commands, "info", command)
 
     fails_with(ValueError("bad/empty: no records\nsecond line"))
     assert main(["info"]) == 2
@@ -56,12 +56,12 @@ def test_errors_print_the_plain_first_line(monkeypatch, capsys):
 def test_tensorflow_input_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
     import tensorflow as tf
 
-    from shaspec_tf import cli
+    from shaspec_tf import commands
 
     def fails_with(error):
         def command(args):
             raise error
-        monkeypatch.setattr(cli, "_info", command)
+        monkeypatch.setattr(commands, "info", command)
 
     for error, line in (
             (tf.errors.DataLossError(None, None, "{{function_node __wrapped__IteratorGetNext_device_/job:localhost}} "
