@@ -19,8 +19,8 @@ import apache_beam as beam
 from tfx import v1 as tfx
 from tfx.types import artifact_utils, standard_artifacts
 
-from shaspec_tf.tasks.avmnist import AVMNIST_SPLITS
-from shaspec_tf.tasks.brats import BRATS_SPLITS
+from shaspec_tf.taskspec.constants import AVMNIST_SPLITS
+from shaspec_tf.taskspec.constants import BRATS_SPLITS
 
 Examples = standard_artifacts.Examples
 OutputArtifact = tfx.dsl.components.OutputArtifact

@@ -27,5 +27,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'shaspec_tf' has no attribute {name!r}")
 
 
+# The built-in tasks register themselves in shaspec_tf.taskspec.registry, which the generic modules look them up in;
+# importing them is cheap (NumPy and dataclasses: every heavy import of a task is lazy).
+from shaspec_tf import tasks as _tasks  # noqa: E402,F401
+
 if "keras" in _sys.modules:  # Keras is loaded already, so registering the model classes costs little
     from shaspec_tf import models as _models  # noqa: E402,F401

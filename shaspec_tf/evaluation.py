@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from shaspec_tf.data.masks import resolve_subsets
-from shaspec_tf.tasks import all_tasks, get_task
-from shaspec_tf.tasks.scoring import ACCURACY_POLICY, MEAN_KEY, MEAN_POLICY, csv_cell, fmt  # noqa: F401 (re-export)
+from shaspec_tf.taskspec.registry import all_tasks, get_task
+from shaspec_tf.scoring import ACCURACY_POLICY, MEAN_KEY, MEAN_POLICY, csv_cell, fmt  # noqa: F401 (re-export)
 
 MEAN_LABEL = "Average"
 

@@ -123,7 +123,7 @@ def make_serving_functions(model, overlap: Optional[float] = None, sigma_scale: 
     """``{signature name: tf.function with an input signature}`` for ``model`` (a ShaSpec segmenter or
     classifier), as its task exports it; the functions call the model in inference mode. ``overlap`` and
     ``sigma_scale`` default to the task's inference settings."""
-    from shaspec_tf.tasks import task_for_model
+    from shaspec_tf.taskspec.registry import task_for_model
 
     return task_for_model(model.shaspec_config).serving_functions(model, overlap=overlap, sigma_scale=sigma_scale,
                                                                   sw_batch_size=sw_batch_size)
@@ -238,7 +238,7 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
     """
     import keras
 
-    from shaspec_tf.tasks import task_for_model
+    from shaspec_tf.taskspec.registry import task_for_model
 
     if not name or os.sep in name or name in (".", "..") or name.startswith("."):
         raise ValueError(f"model name must be a plain folder name, got {name!r}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shaspec_tf.tasks.brats import BRATS2023_LABEL_REGIONS, BRATS_LABEL_REGIONS, BRATS_REGIONS  # noqa: F401
+from shaspec_tf.taskspec.constants import BRATS2023_LABEL_REGIONS, BRATS_LABEL_REGIONS, BRATS_REGIONS  # noqa: F401
 
 BRATS_EMPTY_POLICY = "Dice of an empty prediction against an empty reference is 1 (the BraTS convention)"
 

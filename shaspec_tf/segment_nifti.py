@@ -106,7 +106,7 @@ def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str
     only when it is a label map of ours, or with ``overwrite``. The window (``roi_size``: default the training crop)
     and ``overlap`` default as the task says (:meth:`shaspec_tf.tasks.Task.inference_options`)."""
     from shaspec_tf.inference import predict_case
-    from shaspec_tf.tasks import task_for_model
+    from shaspec_tf.taskspec.registry import task_for_model
     from shaspec_tf.trained import load_trained
 
     given = nifti_inputs(paths)

@@ -70,7 +70,7 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     import tensorflow as tf
 
     from shaspec_tf.data.files import split_files
-    from shaspec_tf.tasks import task_for_model
+    from shaspec_tf.taskspec.registry import task_for_model
 
     model = load_trained(model_dir)
     task = task_for_model(model.shaspec_config)

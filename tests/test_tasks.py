@@ -10,7 +10,7 @@ import pytest
 from shaspec_tf import tasks
 from shaspec_tf.data.masks import check_modality_mask, subset_name
 from shaspec_tf.tasks import AVMNIST, BRATS, FeatureRule, Task, TrainDefaults, get_task
-from shaspec_tf.tasks.scoring import RegionScoring
+from shaspec_tf.scoring import RegionScoring
 
 
 # ------------------------------------------------------------------------------------------------------------ registry

@@ -36,8 +36,8 @@ from typing import Iterable, List, Optional, Sequence
 
 from shaspec_tf import fileio
 from shaspec_tf.data.schema import BRATS_MODALITIES, SCHEMA_VERSION
-from shaspec_tf.tasks.brats import BRATS_SPLITS as SPLITS
-from shaspec_tf.tasks.brats import NAME as TASK
+from shaspec_tf.taskspec.constants import BRATS_SPLITS as SPLITS
+from shaspec_tf.taskspec.constants import BRATS_NAME as TASK
 
 TRAIN, EVAL = SPLITS
 #: The ownership marker's kind for a ``prepare brats`` output.

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 def split_patterns(data: str, split: str, task: str) -> List[str]:
     """The glob patterns tried, in order, for ``split`` of a ``task`` data set (the task's own layout, then the TFX
     ``Examples`` one; see :meth:`shaspec_tf.tasks.Task.record_patterns`)."""
-    from shaspec_tf.tasks import get_task
+    from shaspec_tf.taskspec.registry import get_task
 
     return get_task(task).record_patterns(data, split)
 
@@ -28,7 +28,7 @@ def split_files(data: str, split: Optional[str], task: str) -> List[str]:
     naming the patterns when none."""
     import tensorflow as tf
 
-    from shaspec_tf.tasks import get_task
+    from shaspec_tf.taskspec.registry import get_task
 
     task = get_task(task)
     split = task.split(split)

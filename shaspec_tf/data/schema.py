@@ -46,12 +46,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from shaspec_tf.data.masks import check_modality_mask
-from shaspec_tf.tasks.avmnist import AVMNIST_AUDIO_SHAPE, AVMNIST_IMAGE_SHAPE, AVMNIST_MODALITIES
-from shaspec_tf.tasks.avmnist import NAME as AVMNIST_TASK
+from shaspec_tf.taskspec.constants import AVMNIST_AUDIO_SHAPE, AVMNIST_IMAGE_SHAPE, AVMNIST_MODALITIES
+from shaspec_tf.taskspec.constants import AVMNIST_NAME as AVMNIST_TASK
 # The tasks' constants, defined once in shaspec_tf.tasks and re-exported here for the data layer.
-from shaspec_tf.tasks.brats import BRATS_LABEL_REGIONS, BRATS_LABEL_VALUES, BRATS_MODALITIES  # noqa: F401
-from shaspec_tf.tasks.brats import BRATS_REGIONS  # noqa: F401
-from shaspec_tf.tasks.brats import NAME as BRATS_TASK
+from shaspec_tf.taskspec.constants import BRATS_LABEL_REGIONS, BRATS_LABEL_VALUES, BRATS_MODALITIES  # noqa: F401
+from shaspec_tf.taskspec.constants import BRATS_REGIONS  # noqa: F401
+from shaspec_tf.taskspec.constants import BRATS_NAME as BRATS_TASK
 
 SCHEMA_VERSION = 1
 _IMAGE_SIZE = int(np.prod(AVMNIST_IMAGE_SHAPE))
@@ -286,6 +286,6 @@ def model_inputs(features: dict, task: str):
     """Parsed features -> ``(inputs, target)`` for the model of ``task`` (a name or kind, see
     :func:`shaspec_tf.tasks.get_task`): BraTS -> (``{"image", "modality_mask"}``, regions ``[D, H, W, 3]``
     ET/WT/TC); AV-MNIST -> (``{"image", "audio", "modality_mask"}``, label)."""
-    from shaspec_tf.tasks import get_task
+    from shaspec_tf.taskspec.registry import get_task
 
     return get_task(task).model_inputs(features)

@@ -18,7 +18,7 @@ def probabilities_to_labels(prob, threshold: float = 0.5) -> np.ndarray:
     prob = np.asarray(prob)
     if prob.ndim != 4 or prob.shape[-1] != 3:
         raise ValueError(f"prob must be [D, H, W, 3] (ET, WT, TC), got shape {prob.shape}")
-    from shaspec_tf.tasks.brats import BRATS_LABEL_PRECEDENCE
+    from shaspec_tf.taskspec.constants import BRATS_LABEL_PRECEDENCE
 
     on = prob > threshold
     labels = np.zeros(prob.shape[:3], dtype=np.uint8)

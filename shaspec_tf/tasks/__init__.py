@@ -11,75 +11,11 @@ kind; :func:`task_for_model` picks by kind and modalities.
 """
 from __future__ import annotations
 
-from typing import Dict
-
 from shaspec_tf.tasks.avmnist import AVMNIST
 from shaspec_tf.tasks.base import FeatureRule, Task, TrainDefaults
 from shaspec_tf.tasks.brats import BRATS
-
-_REGISTRY: Dict[str, Task] = {}
-
-
-def register(task: Task, replace: bool = False) -> Task:
-    """Make ``task`` known under ``task.name``; a one-line ``ValueError`` when the name is taken (unless
-    ``replace``) or is an existing task's kind."""
-    if not isinstance(task, Task):
-        raise TypeError(f"register needs a Task, got {type(task).__name__}")
-    if task.name in _REGISTRY and not replace:
-        raise ValueError(f"a task named {task.name!r} is already registered")
-    if any(t.kind == task.name for t in _REGISTRY.values()):
-        raise ValueError(f"task name {task.name!r} is already a task kind")
-    _REGISTRY[task.name] = task
-    return task
-
-
-def unregister(name: str) -> None:
-    """Forget the task called ``name`` (tests that register toy tasks)."""
-    _REGISTRY.pop(name, None)
-
-
-def task_names() -> tuple:
-    """The registered task names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def all_tasks() -> tuple:
-    return tuple(_REGISTRY.values())
-
-
-def get_task(name) -> Task:
-    """The task called ``name``, or the first task of kind ``name``; a ``Task`` is returned as it is. A one-line
-    ``ValueError`` naming the known tasks otherwise."""
-    if isinstance(name, Task):
-        return name
-    task = _REGISTRY.get(name) if isinstance(name, str) else None
-    if task is None:
-        task = next((t for t in _REGISTRY.values() if t.kind == name), None)
-    if task is None:
-        raise ValueError(f"unknown task {name!r}: expected one of {', '.join(_REGISTRY)} (or a kind: "
-                         f"{', '.join(dict.fromkeys(t.kind for t in _REGISTRY.values()))})")
-    return task
-
-
-def task_for_model(config: dict) -> Task:
-    """The task of a saved model configuration (``model.shaspec_config``): its kind, and among the tasks of that
-    kind the one with its modalities."""
-    kind = config.get("task") if isinstance(config, dict) else None
-    candidates = [t for t in _REGISTRY.values() if t.kind == kind]
-    if not candidates:
-        raise ValueError(f"unknown task {kind!r} in the model configuration: expected one of "
-                         f"{', '.join(dict.fromkeys(t.kind for t in _REGISTRY.values()))}")
-    return next((t for t in candidates if t.matches_model(config)), candidates[0])
-
-
-def task_for_preset(preset: str) -> Task:
-    """The task whose model builder has ``preset``; a one-line ``ValueError`` listing every preset otherwise."""
-    for task in _REGISTRY.values():
-        if preset in task.presets():
-            return task
-    known = [p for t in _REGISTRY.values() for p in t.presets()]
-    raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(known)}")
-
+from shaspec_tf.taskspec.registry import (all_tasks, get_task, register, task_for_model, task_for_preset, task_names,
+                                       unregister)
 
 register(BRATS)
 register(AVMNIST)

@@ -5,17 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shaspec_tf.tasks.base import FeatureRule, Task, TrainDefaults
-from shaspec_tf.tasks.scoring import AccuracyScoring
-
-NAME = "avmnist"
-AVMNIST_MODALITIES = ("image", "audio")
-AVMNIST_IMAGE_SHAPE = (28, 28, 1)
-AVMNIST_AUDIO_SHAPE = (20, 20, 1)                     # 20 MFCCs x 20 frames
-AVMNIST_CLASSES = 10
-AVMNIST_SPLITS = ("train", "test")                    # the SMIL protocol's names
-AVMNIST_RECORD_FEATURES = ("schema_version", "task", "sample_id", "modalities", "modality_mask", "image", "audio",
-                           "label", "speaker", "present_modalities")
-AVMNIST_STATS_FEATURES = ("schema_version", "task", "modality_mask", "present_modalities", "label", "speaker")
+from shaspec_tf.scoring import AccuracyScoring
+from shaspec_tf.taskspec.constants import (AVMNIST_MODALITIES, AVMNIST_IMAGE_SHAPE, AVMNIST_AUDIO_SHAPE, AVMNIST_CLASSES,
+                                        AVMNIST_SPLITS, AVMNIST_RECORD_FEATURES,
+                                        AVMNIST_STATS_FEATURES)  # noqa: F401 (re-exported)
+from shaspec_tf.taskspec.constants import AVMNIST_NAME as NAME
 
 
 @dataclass(frozen=True)
@@ -23,9 +17,9 @@ class AvMnistTask(Task):
     """Classification of small samples, evaluated in batches: one forward pass per batch and subset."""
 
     def model_builder(self):
-        import shaspec_tf
+        from shaspec_tf.models import build_classifier
 
-        return shaspec_tf.build_classifier
+        return build_classifier
 
     def presets(self) -> tuple:
         from shaspec_tf.models.presets import CLASSIFIER_PRESETS

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from shaspec_tf.tasks.scoring import Scoring
+from shaspec_tf.scoring import Scoring
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Task:
         modality_titles: the modalities' names in report headers, in mask order (empty: the names themselves).
         regions: the names of the model's output regions (segmentation; empty otherwise).
         train_defaults: see :class:`TrainDefaults`.
-        scoring: how its predictions are scored and reported (:mod:`shaspec_tf.tasks.scoring`).
+        scoring: how its predictions are scored and reported (:mod:`shaspec_tf.scoring`).
         splits: ``(train split, evaluation split)``.
         record_layout: glob of a split's files in ``shaspec prepare``'s own layout (``{data}``, ``{split}``); the TFX
             ``Examples`` layout (``{data}/Split-{split}/*``) is tried after it.

@@ -11,25 +11,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from shaspec_tf.tasks.base import FeatureRule, Task, TrainDefaults
-from shaspec_tf.tasks.scoring import RegionScoring
+from shaspec_tf.scoring import RegionScoring
+from shaspec_tf.taskspec.constants import (BRATS_MODALITIES, BRATS_REGIONS, BRATS_LABEL_VALUES, BRATS_LABEL_REGIONS,
+                                        BRATS2023_LABEL_REGIONS, BRATS_LABEL_PRECEDENCE, BRATS_SPLITS,
+                                        BRATS_RECORD_FEATURES, BRATS_STATS_FEATURES)  # noqa: F401 (re-exported)
+from shaspec_tf.taskspec.constants import BRATS_NAME as NAME
 
-NAME = "brats"
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
-BRATS_REGIONS = ("ET", "WT", "TC")                    # region channels of the model, in the official order
-BRATS_LABEL_VALUES = (0, 1, 2, 4)
-# BraTS 2018-2021 label maps: a region is a set of label values (BraTS 2023 uses 3 for the enhancing tumour).
-BRATS_LABEL_REGIONS = {"ET": (4,), "WT": (1, 2, 4), "TC": (1, 4)}
-BRATS2023_LABEL_REGIONS = {"ET": (3,), "WT": (1, 2, 3), "TC": (1, 3)}
-# Region probabilities -> label values, in the order the official code writes them (later ones win): WT -> 2, then
-# TC -> 1, then ET -> 4. The one definition of the precedence, as (channel index, label value) pairs.
-BRATS_LABEL_PRECEDENCE = tuple((BRATS_REGIONS.index(region), value) for region, value in (("WT", 2), ("TC", 1),
-                                                                                            ("ET", 4)))
-BRATS_SPLITS = ("train", "eval")
-BRATS_RECORD_FEATURES = ("schema_version", "task", "case_id", "modalities", "modality_mask", "image", "image_shape",
-                         "label", "has_label", "spacing", "affine", "original_shape", "crop_start",
-                         "present_modalities", "label_values")
-BRATS_STATS_FEATURES = ("schema_version", "task", "modality_mask", "present_modalities", "label_values", "has_label",
-                        "spacing", "image_shape", "original_shape")
 # Inference settings that are not the model's: the window is the model's training crop, and the overlap, blending
 # and sigma are shaspec_tf.inference's defaults (read from sliding_window_predict's signature).
 INFERENCE_DEFAULTS = ("overlap", "mode", "sigma_scale")
@@ -52,9 +39,9 @@ class BratsTask(Task):
     """Segmentation of whole MRI volumes with a sliding window; Dice and HD95 per region."""
 
     def model_builder(self):
-        import shaspec_tf
+        from shaspec_tf.models import build_segmenter
 
-        return shaspec_tf.build_segmenter
+        return build_segmenter
 
     def presets(self) -> tuple:
         from shaspec_tf.models.presets import SEGMENTER_PRESETS

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
 from shaspec_tf.fileio import MARKER
-from shaspec_tf.tasks import get_task
+from shaspec_tf.taskspec.registry import get_task
 
 RUN_KIND = "train-run"
 
@@ -127,7 +127,7 @@ class OptionDefaults(dict):
     ``shaspec train`` help shows them)."""
 
     def __missing__(self, key):
-        from shaspec_tf.tasks import all_tasks
+        from shaspec_tf.taskspec.registry import all_tasks
 
         if key.startswith("task_"):
             values = [(t.name, t.train_defaults.as_dict()[key[5:]]) for t in all_tasks()]

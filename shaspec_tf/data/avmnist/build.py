@@ -12,7 +12,7 @@ from shaspec_tf import fileio
 from shaspec_tf.data import schema
 from shaspec_tf.data.avmnist.plan import avmnist_job_example, plan_avmnist
 from shaspec_tf.data.avmnist.sources import DEFAULT_SPEAKERS
-from shaspec_tf.tasks.avmnist import NAME as TASK
+from shaspec_tf.taskspec.constants import AVMNIST_NAME as TASK
 
 MANIFEST = "manifest.json"
 #: The ownership marker's kind (:mod:`shaspec_tf.fileio`) of a :func:`build_avmnist` output.

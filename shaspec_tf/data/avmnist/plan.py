@@ -12,7 +12,7 @@ from shaspec_tf.data import schema
 from shaspec_tf.data.avmnist.dsp import (DECIMATION, HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_MFCC, TARGET_RATE, TOP_DB,
                                          mfcc)
 from shaspec_tf.data.avmnist.sources import DEFAULT_SPEAKERS, default_sources, find_recordings, load_mnist, load_wav
-from shaspec_tf.tasks.avmnist import NAME as TASK
+from shaspec_tf.taskspec.constants import AVMNIST_NAME as TASK
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------------
