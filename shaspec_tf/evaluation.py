@@ -219,7 +219,8 @@ def _table(header: list, rows: list) -> list:
 
 
 def _footer(results, daggers: bool = True) -> list:
-    return ["", f"*{results['n_cases']} cases per subset. {MEAN_POLICY}.*"] + _scoring(results).footer(results, daggers)
+    scoring = _scoring(results)
+    return ["", f"*{scoring.counted(results)} per subset. {MEAN_POLICY}.*"] + scoring.footer(results, daggers)
 
 
 def markdown_report(results, title: str = "Missing-modality evaluation") -> str:
@@ -394,7 +395,7 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
             rows.append(cells)
         return [f"## {heading}", ""] + _table(header, rows) + [""]
 
-    lines = [f"# {title}", "", "Models: " + ", ".join(f"**{n}** ({ordered[n]['n_cases']} cases)" for n in names), ""]
+    lines = [f"# {title}", "", "Models: " + ", ".join(f"**{n}** ({scoring.counted(ordered[n])})" for n in names), ""]
     for section_args in scoring.sections:
         lines += section(*section_args)
     lines += ["**Average** rows: " + "; ".join(

@@ -100,6 +100,10 @@ class Scoring:
         """The policy lines under a table (after the cases/averaging line)."""
         raise NotImplementedError
 
+    def counted(self, results: dict) -> str:
+        """What one subset's figures are computed over, e.g. ``"6 cases"``."""
+        return f"{results['n_cases']} cases"
+
 
 
 class RegionScoring(Scoring):
@@ -251,3 +255,11 @@ class AccuracyScoring(Scoring):
 
     def footer(self, results: dict, daggers: bool) -> list:
         return [f"*{results.get('policy', {}).get('accuracy', ACCURACY_POLICY)}.*"]
+
+    def counted(self, results: dict) -> str:
+        """The samples pooled per subset (a "case" here is a batch of them)."""
+        per_case = results.get("per_case") or {}
+        first = next(iter(per_case.values()), None)
+        if not first or not all("count" in scores for scores in first.values()):
+            return super().counted(results)
+        return f"{sum(int(scores['count']) for scores in first.values())} samples"

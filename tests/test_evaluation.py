@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from shaspec_tf.data.masks import all_subsets
-from shaspec_tf.evaluation import compare_models, evaluate_subsets, load_results, write_reports
+from shaspec_tf.evaluation import compare_models, evaluate_subsets, load_results, markdown_report, write_reports
 from shaspec_tf.metrics import (BRATS2023_LABEL_REGIONS, BRATS_CHALLENGE_HD95_PENALTY, accuracy, dice, hd95,
                                 region_metrics, surface_distances)
 
@@ -393,6 +393,8 @@ def test_evaluate_subsets_classification_pools_samples(cls_results):
     assert cls_results["per_case"]["audio"]["batch0"]["accuracy"] == pytest.approx(0.4)
     assert cls_results["per_case"]["audio"]["batch1"]["accuracy"] == pytest.approx(0.8)
     assert summary["mean"]["accuracy"] == pytest.approx((1 + 8 / 15 + 1) / 3)
+    # the report counts the samples a subset pools, not the batches they came in
+    assert "*15 samples per subset." in markdown_report(cls_results)
     with pytest.raises(ValueError):
         evaluate_subsets(_fake_classifier, _avmnist_cases(), AVMNIST, task="regression", progress=False)
 
