@@ -66,21 +66,10 @@ def read_manifest(version_dir: str) -> dict:
     return manifest
 
 
-def _staged_name(entry: str) -> Optional[str]:
-    """``"3"`` for a staging entry ``.3.partial-HOST-PID-RANDOM`` (or a ``.3.old-...`` one), else ``None``."""
-    for marker in (".partial-", ".old-"):
-        if entry.startswith(".") and marker in entry:
-            return entry[1:].split(marker, 1)[0] or None
-    return None
-
-
 def clean_stale_exports(model_dir: str) -> list:
     """Remove the staging folders that killed exports left under ``model_dir`` (those of dead processes on this
     host, see :func:`shaspec_tf.fileio.clean_stale`); returns what was removed."""
-    if not os.path.isdir(model_dir):
-        return []
-    names = {_staged_name(entry) for entry in os.listdir(model_dir)} - {None}
-    return [path for name in sorted(names) for path in fileio.clean_stale(os.path.join(model_dir, name))]
+    return fileio.clean_stale_in(model_dir)
 
 
 def _mask_checks(tf, mask, batch):

@@ -103,6 +103,20 @@ def clean_stale(target: str) -> list:
     return removed
 
 
+def clean_stale_in(folder: str) -> list:
+    """:func:`clean_stale` for every name in ``folder`` that has ``.NAME.partial-*`` or ``.NAME.old-*`` siblings:
+    the leftovers of dead processes on this host, whatever they were writing; returns what was removed."""
+    folder = str(folder)
+    if is_uri(folder) or not os.path.isdir(folder):
+        return []
+    names = set()
+    for entry in os.listdir(folder):
+        for marker in (_PARTIAL, _OLD):
+            if entry.startswith(".") and marker in entry:
+                names.add(entry[1:].split(marker, 1)[0])
+    return [path for name in sorted(names) if name for path in clean_stale(os.path.join(folder, name))]
+
+
 def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path or ".", os.O_RDONLY)

@@ -144,3 +144,21 @@ def test_same_file(tmp_path):
     assert fileio.same_file(str(a), str(tmp_path / "link.nii"))
     assert fileio.same_file(str(a), str(tmp_path / "sub" / ".." / "a.nii"))
     assert not fileio.same_file(str(a), str(tmp_path / "b.nii"))
+
+
+def test_clean_stale_in_a_folder_takes_every_dead_name_and_nothing_else(tmp_path):
+    code = ("import os, signal, sys; sys.path.insert(0, %r); from shaspec_tf import fileio; "
+            "[open(fileio.partial_name(os.path.join(%r, n)), 'w').close() for n in ('a.json', 'b.h5')]; "
+            "os.kill(os.getpid(), signal.SIGKILL)") % (
+        os.path.dirname(os.path.dirname(os.path.abspath(fileio.__file__))), str(tmp_path))
+    assert subprocess.run([sys.executable, "-c", code]).returncode != 0
+    dead = sorted(p for p in os.listdir(tmp_path) if ".partial-" in p)
+    assert len(dead) == 2
+    live = fileio.partial_name(str(tmp_path / "c.npz"))
+    open(live, "w").close()
+    (tmp_path / "kept.txt").write_text("x")
+    removed = fileio.clean_stale_in(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == dead
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(live), "kept.txt"])
+    assert fileio.clean_stale_in(str(tmp_path / "absent")) == []
+

@@ -75,14 +75,7 @@ def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
 def clean_partials(folder: str) -> list:
     """Remove the partial files that dead processes left in ``folder`` (:func:`fileio.clean_stale` for each name that
     has one); a live process's partial files and anything else are left alone."""
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for entry in os.listdir(folder):
-        for marker in (fileio._PARTIAL, fileio._OLD):
-            if entry.startswith(".") and marker in entry:
-                removed += fileio.clean_stale(os.path.join(folder, entry[1:].split(marker, 1)[0]))
-    return removed
+    return fileio.clean_stale_in(folder)
 
 
 # -- what is saved ---------------------------------------------------------------------------------------------

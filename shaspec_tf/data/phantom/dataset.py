@@ -74,11 +74,7 @@ def _clean_litter(folder: Path) -> None:
     (:func:`shaspec_tf.fileio.clean_stale` looks for one name at a time)."""
     from shaspec_tf import fileio
 
-    if not folder.is_dir():
-        return
-    for name in {e[1:].split(".partial-", 1)[0] for e in os.listdir(folder)
-                 if e.startswith(".") and ".partial-" in e}:
-        fileio.clean_stale(str(folder / name))
+    fileio.clean_stale_in(str(folder))
 
 
 def write_phantom_dataset(out_dir: Union[str, os.PathLike], cases: Union[int, Iterable[int]],
