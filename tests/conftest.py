@@ -28,6 +28,16 @@ def _seed():
     yield
 
 
+def h5_arrays(path):
+    """``{dataset path: array}`` of every dataset in an HDF5 file (a saved ``.weights.h5``)."""
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+    return out
+
+
 def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 

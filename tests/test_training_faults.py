@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 import pytest
 
+from conftest import h5_arrays
 from shaspec_tf import fileio
 
 pytestmark = pytest.mark.tensorflow
@@ -61,13 +61,6 @@ def _kill_at_random(data, out, rng, log):
     assert process.returncode in (0, -signal.SIGKILL), err[-2000:]
 
 
-def _weights(path):
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: arrays.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
-    return arrays
-
-
 def _partials(folder):
     return [os.path.join(root, name) for root, dirs, files in os.walk(folder) for name in files + dirs
             if ".partial-" in name]
@@ -103,7 +96,7 @@ def test_sigkill_at_any_instant_then_the_same_command_ends_where_an_uninterrupte
     if damaged is not None:
         assert f"skipping a checkpoint: {damaged} is unreadable" in last.stderr, "; ".join(log) + last.stderr[-2000:]
 
-    a, b = _weights(tmp_path / "straight" / "model.weights.h5"), _weights(out / "model.weights.h5")
+    a, b = h5_arrays(tmp_path / "straight" / "model.weights.h5"), h5_arrays(out / "model.weights.h5")
     assert sorted(a) == sorted(b) and len(a) > 100
     differing = [k for k in a if not np.array_equal(a[k], b[k])]
     assert differing == [], "; ".join(log) + f": {len(differing)} arrays differ, e.g. {differing[:3]}"
