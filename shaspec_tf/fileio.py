@@ -14,7 +14,13 @@ Three rules, one helper each:
 * **Litter.** A killed process cannot clean up after itself, so the partial names say which host and process made
   them: :func:`clean_stale` removes those of processes on this host that no longer run (and nothing else).
 
-Paths are local files here; a path with a scheme (``gs://...``) goes through ``tf.io.gfile``.
+It is also the project's one file layer: every read and write of a user's path goes through the primitives below
+(:func:`exists`, :func:`listdir`, :func:`walk`, :func:`glob`, :func:`open_file`, :func:`read_bytes`, :func:`copy`,
+:func:`local_copy`, ...). A path is a string that may be a URI: a path with a scheme (``gs://bucket/...``) goes through
+``tf.io.gfile`` (TensorFlow is imported only then, so the model code still runs where TensorFlow is absent), a plain
+path through the operating system. Libraries that only take local file names (nibabel's writer, matplotlib, Keras'
+``.keras`` files) get one through :func:`atomic_path` (written locally, uploaded whole on success) or
+:func:`local_copy` (downloaded to a temporary file).
 """
 from __future__ import annotations
 
@@ -38,10 +44,211 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
+# TensorFlow's modular GCS filesystem (tensorflow-io) crashes on its first use when it talks to an emulator
+# (CLOUD_STORAGE_EMULATOR_ENDPOINT) and these are unset; the values are TensorFlow's own defaults, caches off.
+_EMULATOR_DEFAULTS = {"GCS_READ_CACHE_BLOCK_SIZE_MB": "64", "GCS_READ_CACHE_MAX_SIZE_MB": "0",
+                      "GCS_READ_CACHE_MAX_STALENESS": "0", "GCS_STAT_CACHE_MAX_AGE": "0",
+                      "GCS_STAT_CACHE_MAX_ENTRIES": "0"}
+
+
 def _gfile():
+    if os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        for key, value in _EMULATOR_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     import tensorflow as tf
 
     return tf.io.gfile
+
+
+# -- the file layer ------------------------------------------------------------------------------------------------
+def join(path: str, *parts: str) -> str:
+    """``path/part/...``; URIs keep their ``scheme://`` and always use ``/``."""
+    if is_uri(path):
+        out = str(path)
+        for part in parts:
+            out = f"{out.rstrip('/')}/{str(part).lstrip('/')}"
+        return out
+    return os.path.join(str(path), *[str(p) for p in parts])
+
+
+def basename(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_uri(path) else os.path.basename(str(path).rstrip(os.sep))
+
+
+def dirname(path: str) -> str:
+    if is_uri(path):
+        head = str(path).rstrip("/").rsplit("/", 1)[0]
+        return head if "://" in head and not head.endswith(":/") else str(path)
+    return os.path.dirname(str(path))
+
+
+def absolute(path: str) -> str:
+    """The absolute spelling of a local path; URIs are returned as they are."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def exists(path: str) -> bool:
+    if is_uri(path):  # an object store's "folder" exists when objects lie under it
+        gfile = _gfile()
+        return gfile.exists(path) or gfile.isdir(path)
+    return os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+    return _gfile().isdir(path) if is_uri(path) else os.path.isdir(path)
+
+
+def isfile(path: str) -> bool:
+    if is_uri(path):
+        gfile = _gfile()
+        return gfile.exists(path) and not gfile.isdir(path)
+    return os.path.isfile(path)
+
+
+def listdir(path: str) -> list:
+    """Names in the folder ``path``, sorted, without trailing slashes."""
+    if is_uri(path):
+        return sorted({name.rstrip("/") for name in _gfile().listdir(path)})
+    return sorted(os.listdir(path))
+
+
+def walk(top: str) -> Iterator[tuple]:
+    """``(root, dirs, files)`` like ``os.walk`` (top-down, sorted, links not followed); ``dirs`` may be pruned."""
+    if is_uri(top):
+        for root, dirs, files in _gfile().walk(top):
+            dirs[:] = sorted(d.rstrip("/") for d in dirs)
+            yield root.rstrip("/"), dirs, sorted(files)
+        return
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        yield root, dirs, sorted(files)
+
+
+def glob(pattern: str) -> list:
+    if is_uri(pattern):
+        return sorted(_gfile().glob(pattern))
+    import glob as _glob
+
+    return sorted(_glob.glob(pattern))
+
+
+def makedirs(path: str) -> None:
+    if is_uri(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    """Remove the file ``path``; absent is fine."""
+    if is_uri(path):
+        gfile = _gfile()
+        if gfile.exists(path):
+            gfile.remove(path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def size(path: str) -> int:
+    return int(_gfile().stat(path).length) if is_uri(path) else os.stat(path).st_size
+
+
+def stat(path: str) -> tuple:
+    """``(size in bytes, modification time in ns)`` of a file: what a cache fingerprint needs."""
+    if is_uri(path):
+        info = _gfile().stat(path)
+        return int(info.length), int(info.mtime_nsec)
+    info = os.stat(path)
+    return info.st_size, info.st_mtime_ns
+
+
+def open_file(path: str, mode: str = "rb"):
+    """A file object for ``path`` (``open`` for local files, ``tf.io.gfile.GFile`` for URIs). Prefer
+    :func:`atomic_write` / :func:`atomic_path` for writing outputs."""
+    if is_uri(path):
+        return _gfile().GFile(path, mode)
+    return open(path, mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def copy(src: str, dst: str, overwrite: bool = False) -> None:
+    """Copy one file (between any two file systems), written aside and renamed."""
+    if not overwrite and exists(dst):
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+    if not is_uri(src) and not is_uri(dst):
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        return
+    with atomic_path(dst) as tmp:
+        if is_uri(tmp) or is_uri(src):
+            _gfile().copy(src, tmp, overwrite=True)
+        else:
+            shutil.copyfile(src, tmp)
+
+
+@contextlib.contextmanager
+def local_copy(path: str, suffix: str = "") -> Iterator[str]:
+    """A local file name holding ``path``'s bytes, for libraries that read only local files; a local ``path`` is
+    yielded as it is, a URI is downloaded to a temporary file removed afterwards."""
+    if not is_uri(path):
+        yield str(path)
+        return
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(suffix=suffix or "-" + basename(path))
+    os.close(fd)
+    try:
+        _gfile().copy(path, tmp, overwrite=True)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def local_dir(target: str) -> Iterator[str]:
+    """A local folder to build ``target`` in: ``target`` itself when it is local, else a temporary folder whose
+    files are uploaded under ``target`` on success (the caller owns ownership checks)."""
+    if not is_uri(target):
+        makedirs(target)
+        yield str(target)
+        return
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="shaspec-upload-")
+    try:
+        yield tmp
+        upload_tree(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upload_tree(src: str, dst: str) -> None:
+    """Copy every file under the folder ``src`` to the same relative path under ``dst`` (any file systems); the
+    marker, when there is one, is copied last, so a folder cut short never looks whole."""
+    files = []
+    for root, _, names in walk(src):
+        for name in names:
+            path = join(root, name)
+            files.append(path[len(str(src).rstrip("/")) + 1:].replace(os.sep, "/"))
+    files.sort(key=lambda rel: rel == MARKER)
+    gfile = _gfile() if is_uri(src) or is_uri(dst) else None
+    for rel in files:
+        source, target = join(src, *rel.split("/")), join(dst, *rel.split("/"))
+        makedirs(dirname(target))
+        if gfile is not None:
+            gfile.copy(source, target, overwrite=True)
+        else:
+            shutil.copyfile(source, target)
 
 
 def _host() -> str:
@@ -132,15 +339,21 @@ def atomic_path(target: str, suffix: str = "") -> Iterator[str]:
     name); on success it is renamed onto ``target``, on any failure it is removed. The previous ``target`` stays
     whole until the rename."""
     target = str(target)
-    if is_uri(target):
-        tmp = partial_name(target) + suffix
+    if is_uri(target):  # an object store shows an object only once its upload completes: stage locally, upload
+        import tempfile
+
+        fd, tmp = tempfile.mkstemp(prefix=".shaspec-", suffix=suffix)
+        os.close(fd)
+        os.remove(tmp)
         try:
             yield tmp
-            _gfile().rename(tmp, target, overwrite=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                _gfile().remove(tmp)
-            raise
+            if os.path.isdir(tmp):
+                upload_tree(tmp, target)
+            else:
+                _gfile().copy(tmp, target, overwrite=True)
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
         return
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
@@ -165,12 +378,8 @@ def atomic_path(target: str, suffix: str = "") -> Iterator[str]:
 def atomic_write(target: str, data: Union[str, bytes]) -> None:
     """Write ``data`` to ``target`` atomically (a reader sees the old file or the new one, never a part)."""
     with atomic_path(target) as tmp:
-        if is_uri(tmp):
-            with _gfile().GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-                f.write(data)
-        else:
-            with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-                f.write(data)
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
 
 
 def atomic_write_json(target: str, value, **kwargs) -> None:
@@ -181,13 +390,7 @@ def read_json(path: str):
     """The JSON value stored in ``path``: ``FileNotFoundError`` when it is absent, a one-line ``ValueError`` naming
     the file when it is not UTF-8 JSON (a garbage or truncated file)."""
     try:
-        if is_uri(path):
-            with _gfile().GFile(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-        return json.loads(data.decode("utf-8"))
+        return json.loads(read_bytes(path).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({str(error).splitlines()[0]})") from error
 
@@ -208,11 +411,12 @@ def list_files(folder: str) -> Dict[str, int]:
     out = {}
     if is_uri(folder):
         gfile = _gfile()
-        for root, _, files in gfile.walk(folder):
+        for root, dirs, files in walk(folder):
+            dirs[:] = [d for d in dirs if _PARTIAL not in d]
             for name in files:
-                path = f"{root.rstrip('/')}/{name}"
+                path = f"{root}/{name}"
                 rel = path[len(folder.rstrip("/")) + 1:]
-                if rel != MARKER:
+                if rel != MARKER and _PARTIAL not in name:
                     out[rel] = int(gfile.stat(path).length)
         return out
     for root, dirs, files in os.walk(folder):
@@ -237,12 +441,7 @@ def read_marker(folder: str) -> Optional[dict]:
     """The marker of ``folder``, or ``None`` when it has none or it is not one of ours."""
     path = f"{str(folder).rstrip('/')}/{MARKER}"
     try:
-        if is_uri(path):
-            with _gfile().GFile(path) as f:
-                marker = json.loads(f.read())
-        else:
-            with open(path) as f:
-                marker = json.load(f)
+        marker = json.loads(read_bytes(path).decode("utf-8"))
     except (OSError, ValueError):
         return None
     except Exception as error:  # tf.errors.NotFoundError on a URI
@@ -256,7 +455,7 @@ def read_marker(folder: str) -> Optional[dict]:
 
 
 def _exists(path: str) -> bool:
-    return _gfile().exists(path) if is_uri(path) else os.path.lexists(path)
+    return exists(path) if is_uri(path) else os.path.lexists(path)
 
 
 def _isdir(path: str) -> bool:
@@ -356,7 +555,16 @@ def replace_dir(staging: str, target: str, kind: str, legacy: Optional[Callable[
 
 def _rename(src: str, dst: str) -> None:
     if is_uri(src) or is_uri(dst):
-        _gfile().rename(src, dst)
+        gfile = _gfile()
+        if not gfile.isdir(src):
+            gfile.rename(src, dst)
+            return
+        # an object store has no folder rename: copy every object (the marker last, so a copy cut short does not
+        # look whole), then delete the source
+        if gfile.exists(dst) and gfile.listdir(dst):
+            raise FileExistsError(f"{dst} appeared while writing; refusing to replace it")
+        upload_tree(src, dst)
+        gfile.rmtree(src)
         return
     try:
         os.rename(src, dst)

@@ -22,6 +22,23 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def gcs():
+    """A Cloud Storage emulator on 127.0.0.1 for this test session (tests/gcs_emulator.py), started on first use and
+    stopped at the end. TensorFlow's ``gs://`` filesystem is chosen when TensorFlow is imported, so code that must
+    reach the emulator runs in a child process with ``gcs.env()`` in its environment."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from gcs_emulator import GcsEmulator
+
+    emulator = GcsEmulator().start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)
