@@ -39,6 +39,23 @@ def gcs():
         emulator.stop()
 
 
+def run_with_gcs(gcs, code: str, timeout: int = 300, args=None) -> dict:
+    """Run Python ``code`` (which prints one JSON line last) in a child process pointed at the emulator, from the
+    repository root; with ``args`` instead, run that command line. Returns the last JSON line it printed."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", textwrap.dedent(code)] if args is None else list(args)
+    result = subprocess.run(command, cwd=root, env={**os.environ, **gcs.env()}, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    lines = result.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines and lines[-1].startswith(("{", "[")) else {"stdout": result.stdout}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(1234)

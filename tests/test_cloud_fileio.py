@@ -1,24 +1,9 @@
 """The file layer (shaspec_tf.fileio) against the Cloud Storage emulator: what the rest of the project relies on when
 a path is ``gs://...``. Runs in a child process, where TensorFlow picks the emulator-aware ``gs://`` filesystem."""
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from conftest import run_with_gcs
 
 pytestmark = [pytest.mark.cloud, pytest.mark.tensorflow]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_with_gcs(gcs, code: str, timeout: int = 300) -> dict:
-    """Run ``code`` (which prints one JSON line last) in a child process pointed at the emulator."""
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env={**os.environ, **gcs.env()},
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_file_layer_reads_writes_and_replaces_on_a_bucket(gcs):
