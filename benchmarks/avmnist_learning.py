@@ -14,10 +14,11 @@ Adam, lr 1e-3, weight decay 1e-2, batch 32, as the paper. Every number comes fro
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
+
+from shaspec_tf import fileio
 
 
 def main(argv=None):
@@ -34,7 +35,7 @@ def main(argv=None):
 
     work = args.work or tempfile.mkdtemp(prefix="avmnist-learning-")
     data = os.path.join(work, "data")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
+    if not fileio.exists(fileio.join(data, "manifest.json")):
         build_avmnist(out_dir=data, progress=False)
     report = {"epochs": args.epochs, "runs": {}}
 
@@ -48,8 +49,7 @@ def main(argv=None):
         report["runs"][name] = {"variant": variant, "audio_rate": audio_rate, "accuracy_percent": accuracy,
                                 "seconds": round(time.time() - start, 1)}
         print(name, accuracy, flush=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        fileio.atomic_write_json(args.out, report)
 
     for variant in ("shaspec", "baseline"):
         run(f"{variant}-full", variant)

@@ -11,11 +11,12 @@ The reference comes from the official code run elsewhere (this repository holds 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
+
+from shaspec_tf import fileio
 
 MODES = {"all": (1, 1, 1, 1), "m13": (0, 1, 0, 1)}
 
@@ -58,8 +59,7 @@ def main(argv=None):
                   f"= {entry['max_abs_diff_over_range']:.2e} of the logit range {span:.2f}; "
                   f"mean {entry['mean_abs_diff']:.2e}; thresholded agreement {entry['sign_agreement']:.6f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        fileio.atomic_write_json(args.out, report)
     return report
 
 

@@ -12,11 +12,11 @@ ShaSpec's Dice is at or above the baseline's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 from shaspec_tf.tasks.brats import BRATS_REGIONS as REGIONS
+from shaspec_tf import fileio
 
 VARIANTS = ("shaspec", "baseline")
 
@@ -74,7 +74,7 @@ def main(argv=None):
     stages.append(("evaluate", ["evaluate", *models, "--data", f"{w}/records", "--out", f"{w}/reports",
                                 "--roi", args.crop]))
     for name, command in stages:
-        if name == "phantoms" and os.path.exists(f"{w}/nifti/phantoms.json"):
+        if name == "phantoms" and fileio.exists(f"{w}/nifti/phantoms.json"):
             continue
         start = time.time()
         if shaspec(command) != 0:
@@ -84,12 +84,10 @@ def main(argv=None):
     means = {}
     for seed in seeds:
         for variant in VARIANTS:
-            with open(f"{w}/reports/{run_name(variant, seed)}/metrics.json") as f:
-                means[run_name(variant, seed)] = json.load(f)["mean"]
+            means[run_name(variant, seed)] = fileio.read_json(f"{w}/reports/{run_name(variant, seed)}/metrics.json")["mean"]
     report["runs"] = means
     report.update(summarise(means, seeds))
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    fileio.atomic_write_json(args.out, report)
     for variant in VARIANTS:
         print(f"{variant:9s} mean Dice over subsets and seeds: "
               + " ".join(f"{r} {100 * report[variant][r]['dice']:.2f}" for r in REGIONS))

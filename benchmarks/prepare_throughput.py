@@ -8,10 +8,11 @@ worker count and reports cases per second, pipeline start-up included.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
+
+from shaspec_tf import fileio
 
 
 def main(argv=None):
@@ -39,8 +40,7 @@ def main(argv=None):
                    "written": manifest["written"]}
             report["runs"].append(run)
             print(f"{workers} worker(s): {args.cases} cases in {seconds:.1f} s = {run['cases_per_second']} cases/s")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    fileio.atomic_write_json(args.out, report)
     return report
 
 

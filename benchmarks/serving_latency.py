@@ -16,11 +16,12 @@ and decoding are part of each request's time. Results go to a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
 import time
+
+from shaspec_tf import fileio
 
 
 def _percentiles(seconds):
@@ -97,8 +98,7 @@ def main(argv=None):
                           f"(n={count})", flush=True)
         finally:
             server.stop()
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    fileio.atomic_write_json(args.out, report)
     print(f"wrote {os.path.abspath(args.out)}")
     return report
 

@@ -42,21 +42,23 @@ def configure_logging(verbose: bool = False) -> None:
 def ensure_phantoms(config, size: str) -> None:
     """Generate the phantom BraTS cases the config points at, unless they are there already."""
     from pipeline.configs import PHANTOM_CASES, PHANTOM_SHAPE, phantom_dir
+    from shaspec_tf import fileio
     from shaspec_tf.data.phantom import write_phantom_dataset
 
     for t in config.tasks:
         # The phantom folder of the root holds generated BraTS-layout cases, whichever branch reads it.
-        if os.path.abspath(t.input_dir) == os.path.abspath(phantom_dir(config.root)):
-            if not os.path.exists(os.path.join(t.input_dir, "phantoms.json")) or \
-                    len([d for d in os.listdir(t.input_dir) if not d.startswith(".")]) <= PHANTOM_CASES[size]:
+        if fileio.absolute(t.input_dir) == fileio.absolute(phantom_dir(config.root)):
+            if not fileio.exists(fileio.join(t.input_dir, "phantoms.json")) or \
+                    len([d for d in fileio.listdir(t.input_dir) if not d.startswith(".")]) <= PHANTOM_CASES[size]:
                 write_phantom_dataset(t.input_dir, PHANTOM_CASES[size], shape=PHANTOM_SHAPE[size],
                                       skip_existing=True, progress=True)
 
 
 def make_config(root=None, size: str = "embedded", tasks=None):
     from pipeline import configs
+    from shaspec_tf import fileio
 
-    root = os.path.abspath(root or configs.default_root())
+    root = fileio.absolute(root or configs.default_root())
     config = configs.embedded_default(root) if size == "embedded" else configs.tiny(root)
     if tasks:
         config.tasks = [t for t in config.tasks if t.task in tasks]
@@ -86,13 +88,19 @@ def run(config, size: str = "embedded") -> dict:
 
 def summary(config, seconds: float) -> dict:
     """Where the pushed models and the latest evaluation reports are (newest artifact of each)."""
-    import glob
+    from shaspec_tf import fileio
+
+    def newest_last(pattern: str) -> list:
+        # pushed versions are Unix times, artifact folders execution ids: both grow with time (an object store's
+        # "folders" have no modification time)
+        names = [path.rstrip("/") for path in fileio.glob(pattern)]
+        return sorted(names, key=lambda path: (int(fileio.basename(path)) if fileio.basename(path).isdigit() else -1,
+                                               path))
 
     out = {"seconds": round(seconds, 1), "tasks": {}}
     for t in config.tasks:
-        versions = sorted(glob.glob(os.path.join(config.serving_dir, t.model_name, "*")), key=os.path.getmtime)
-        reports = sorted(glob.glob(os.path.join(config.root, f"MissingModalityEvaluator.{t.task}", "evaluation",
-                                                "*")), key=os.path.getmtime)
+        versions = newest_last(fileio.join(config.serving_dir, t.model_name, "*"))
+        reports = newest_last(fileio.join(config.root, f"MissingModalityEvaluator.{t.task}", "evaluation", "*"))
         out["tasks"][t.task] = {"pushed": versions[-1] if versions else None,
                                 "report": reports[-1] if reports else None}
     return out
