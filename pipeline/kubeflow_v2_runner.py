@@ -1,15 +1,27 @@
-"""Compile the shaspec-tf pipeline for Kubeflow Pipelines v2 / Vertex AI Pipelines.
+"""Compile the shaspec-tf pipeline for Kubeflow Pipelines v2 / Vertex AI Pipelines, as TFX's templates do.
 
-    python pipeline/kubeflow_v2_runner.py --root gs://BUCKET/shaspec --image gcr.io/PROJECT/shaspec-tf:TAG \\
-        --project PROJECT --region us-central1 --brats-input gs://BUCKET/brats2021 \\
-        --avmnist-input gs://BUCKET/avmnist \\
-        [--accelerator NVIDIA_TESLA_T4 --accelerator-count 1 --machine-type n1-standard-8] [--strategy mirrored] \\
-        [--vertex-training] [--dataflow] --out shaspec_pipeline.json
+The sizes of the branches are ``pipeline/configs.py``'s (``CLOUD``); where the data is, the image and the hardware
+come from the environment (:data:`ENVIRONMENT`), and a flag overrides its variable. So the TFX command line, which
+runs this file with no arguments, is driven by the environment alone::
 
-writes the pipeline spec (JSON) that ``gcloud ai`` / the Vertex AI SDK (``aiplatform.PipelineJob(template_path=...)``)
-or a Kubeflow Pipelines v2 cluster runs. The image must hold this repository installed with the ``pipeline`` extra.
-The Trainer runs on the configured accelerator with the ``tf.distribute`` strategy the config names; with
-``--dataflow`` the Beam components (example gens, statistics) run on Dataflow.
+    export SHASPEC_PIPELINE_ROOT=gs://BUCKET/shaspec SHASPEC_IMAGE=REGION-docker.pkg.dev/PROJECT/REPO/shaspec-tf:TAG \\
+        SHASPEC_BRATS_INPUT=gs://BUCKET/BraTS2021 SHASPEC_AVMNIST_INPUT=gs://BUCKET/avmnist
+    tfx pipeline compile --engine vertex --pipeline_path pipeline/kubeflow_v2_runner.py   # -> shaspec_pipeline.json
+    tfx pipeline create --engine vertex --pipeline_path pipeline/kubeflow_v2_runner.py    # -> $VERTEX_HOME/shaspec/
+    tfx run create --engine vertex --pipeline_name shaspec --project PROJECT --region us-central1
+
+or directly, with flags::
+
+    python pipeline/kubeflow_v2_runner.py --root gs://BUCKET/shaspec --image IMAGE --brats-input gs://... \\
+        --avmnist-input gs://... [--project PROJECT --region us-central1] [--accelerator NVIDIA_TESLA_T4 \\
+        --accelerator-count 1 --machine-type n1-standard-8] [--strategy mirrored] [--vertex-training] [--dataflow] \\
+        [--tasks brats,avmnist] [--out shaspec_pipeline.json]
+
+The spec (JSON) is what ``tfx run create --engine vertex``, the Vertex AI SDK (``aiplatform.PipelineJob(
+template_path=...)``) or a Kubeflow Pipelines v2 cluster runs. The image must hold this repository installed with
+the ``pipeline`` extra (``Dockerfile``). The Trainer runs on the configured accelerator with the ``tf.distribute``
+strategy named; ``--vertex-training`` runs it as a Vertex AI custom job; ``--dataflow`` runs the Beam components
+(example gens, statistics) on Dataflow.
 """
 from __future__ import annotations
 
@@ -17,65 +29,153 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # run as a script or by the TFX CLI: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# flag destination -> (environment variable, help). Each task's input is SHASPEC_<TASK>_INPUT / --<task>-input.
+ENVIRONMENT = {
+    "root": ("SHASPEC_PIPELINE_ROOT", "pipeline root, a URI the containers reach (gs://BUCKET/shaspec); required"),
+    "image": ("SHASPEC_IMAGE", "container image with shaspec-tf[pipeline] installed (Dockerfile); required"),
+    "tasks": ("SHASPEC_PIPELINE_TASKS", "comma-separated task branches"),
+    "name": ("SHASPEC_PIPELINE_NAME", "pipeline name"),
+    "project": ("GOOGLE_CLOUD_PROJECT", "Google Cloud project (needed by --dataflow and --vertex-training)"),
+    "region": ("GOOGLE_CLOUD_REGION", "Google Cloud region"),
+    "machine_type": ("SHASPEC_MACHINE_TYPE", "the Trainer's machine type"),
+    "accelerator": ("SHASPEC_ACCELERATOR", "the Trainer's accelerator type"),
+    "accelerator_count": ("SHASPEC_ACCELERATOR_COUNT", "the Trainer's accelerator count; 0 for none"),
+    "strategy": ("SHASPEC_STRATEGY", "the Trainer's tf.distribute strategy"),
+    "vertex_training": ("SHASPEC_VERTEX_TRAINING", "run the Trainer as a Vertex AI custom job (variable: 1 or 0)"),
+    "dataflow": ("SHASPEC_DATAFLOW", "run the Beam components on Dataflow (variable: 1 or 0)"),
+    "out": ("SHASPEC_PIPELINE_SPEC", "where to write the spec (`tfx pipeline create` writes its own copy)"),
+}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
-def cloud_config(root: str, image: str, project: str, region: str, brats_input: str, avmnist_input: str,
-                 accelerator: str = "NVIDIA_TESLA_T4", accelerator_count: int = 1,
-                 machine_type: str = "n1-standard-8", strategy: str = "mirrored", vertex_training: bool = False,
-                 dataflow: bool = False, brats_steps: int = 50000, avmnist_epochs: int = 60):
-    """A ``PipelineConfig`` for the cloud: paper-size BraTS training, the paper's AV-MNIST schedule."""
-    from pipeline.configs import PipelineConfig, TaskConfig, dataflow_beam_args
 
-    beam = (dataflow_beam_args(project, region, f"{root.rstrip('/')}/tmp") if dataflow
-            else ["--runner=DirectRunner", "--direct_running_mode=multi_processing", "--direct_num_workers=0"])
-    tasks = [
-        TaskConfig(task="brats", input_dir=brats_input, preset="paper", steps=brats_steps, batch_size=1,
-                   checkpoint_every=1000, strategy=strategy, min_mean=0.5, min_worst=0.2),
-        TaskConfig(task="avmnist", input_dir=avmnist_input, preset="avmnist", steps=None, epochs=avmnist_epochs,
-                   strategy=strategy, min_mean=0.9, min_worst=0.5),
-    ]
-    return PipelineConfig(name="shaspec", root=root, tasks=tasks, metadata_path="", beam_pipeline_args=beam,
-                          image=image, trainer_machine_type=machine_type, trainer_accelerator_type=accelerator,
-                          trainer_accelerator_count=accelerator_count, vertex_training=vertex_training,
-                          gcp_project=project, gcp_region=region)
+def input_variable(task: str) -> str:
+    return f"SHASPEC_{task.upper().replace('-', '_')}_INPUT"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, also under the TFX CLI (which re-raises a non-zero SystemExit)
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def _env_flag(variable: str, environ) -> bool:
+    value = environ.get(variable, "").strip().lower()
+    if value not in TRUE + FALSE:
+        raise ValueError(f"{variable} must be 1 or 0 (true/false), got {environ[variable]!r}")
+    return value in TRUE
+
+
+def _env_int(variable: str, environ, default: int) -> int:
+    value = environ.get(variable, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise ValueError(f"{variable} must be an integer, got {value!r}") from None
+
+
+def build_parser(environ=None) -> argparse.ArgumentParser:
+    """The flags, each defaulting to its environment variable (``environ``: ``os.environ``), else configs.py."""
+    from pipeline.configs import CLOUD, CLOUD_DEFAULTS, STRATEGIES
+
+    env = os.environ if environ is None else environ
+    parser = _Parser(prog="kubeflow_v2_runner.py", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(dest, default=None, **kwargs):
+        variable, text = ENVIRONMENT[dest]
+        shown = "" if default in (None, "") or "action" in kwargs else " (default: %(default)s)"
+        parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, default=default,
+                            help=f"{text} [${variable}]{shown}", **kwargs)
+
+    add("root", env.get("SHASPEC_PIPELINE_ROOT"))
+    add("image", env.get("SHASPEC_IMAGE"))
+    for task in CLOUD:
+        variable = input_variable(task)
+        parser.add_argument(f"--{task}-input", dest=f"input_{task}", default=env.get(variable), metavar="URI",
+                            help=f"the {task} branch's input folder, a URI (gs://...) [${variable}]")
+    add("tasks", env.get("SHASPEC_PIPELINE_TASKS") or ",".join(CLOUD))
+    add("name", env.get("SHASPEC_PIPELINE_NAME") or "shaspec")
+    add("project", env.get("GOOGLE_CLOUD_PROJECT", ""))
+    add("region", env.get("GOOGLE_CLOUD_REGION") or CLOUD_DEFAULTS["region"])
+    add("machine_type", env.get("SHASPEC_MACHINE_TYPE") or CLOUD_DEFAULTS["machine_type"])
+    add("accelerator", env.get("SHASPEC_ACCELERATOR") or CLOUD_DEFAULTS["accelerator"])
+    try:
+        count = _env_int("SHASPEC_ACCELERATOR_COUNT", env, CLOUD_DEFAULTS["accelerator_count"])
+        vertex_training, dataflow = _env_flag("SHASPEC_VERTEX_TRAINING", env), _env_flag("SHASPEC_DATAFLOW", env)
+    except ValueError as err:
+        parser.error(str(err))
+    add("accelerator_count", count, type=int)
+    add("strategy", env.get("SHASPEC_STRATEGY") or CLOUD_DEFAULTS["strategy"], choices=STRATEGIES)
+    add("vertex_training", vertex_training, action=argparse.BooleanOptionalAction)
+    add("dataflow", dataflow, action=argparse.BooleanOptionalAction)
+    add("out", env.get("SHASPEC_PIPELINE_SPEC") or "shaspec_pipeline.json")
+    parser.add_argument("--verbose", action="store_true", default=False,
+                        help="show TensorFlow's, absl's and Beam's logs [$SHASPEC_VERBOSE]")
+    return parser
+
+
+def config_from_args(args):
+    """The ``PipelineConfig`` the parsed flags describe (``pipeline.configs.cloud``)."""
+    from pipeline.configs import CLOUD, cloud
+
+    if not args.root:
+        raise ValueError("no pipeline root: set SHASPEC_PIPELINE_ROOT or --root (gs://BUCKET/shaspec)")
+    if not args.image:
+        raise ValueError("no container image: set SHASPEC_IMAGE or --image")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in CLOUD]
+    if unknown or not tasks:
+        raise ValueError(f"unknown or no tasks {args.tasks!r}: expected some of {', '.join(CLOUD)}")
+    inputs = {}
+    for task in tasks:
+        inputs[task] = getattr(args, f"input_{task}")
+        if not inputs[task]:
+            raise ValueError(f"no input for the {task} branch: set {input_variable(task)} or --{task}-input "
+                             f"(or leave {task} out of SHASPEC_PIPELINE_TASKS / --tasks)")
+    return cloud(args.root, args.image, inputs, project=args.project, region=args.region,
+                 accelerator=args.accelerator, accelerator_count=args.accelerator_count,
+                 machine_type=args.machine_type, strategy=args.strategy, vertex_training=args.vertex_training,
+                 dataflow=args.dataflow, name=args.name)
 
 
 def compile_pipeline(config, out: str) -> str:
-    """Write the Kubeflow V2 / Vertex AI pipeline spec for ``config`` to ``out`` and return its path."""
+    """Write the Kubeflow V2 / Vertex AI pipeline spec for ``config`` to ``out`` (a local path or a URI) and return
+    the path written: under ``tfx pipeline create`` the TFX CLI replaces ``out`` with its own place for the spec."""
     # Imported from the module: tfx.v1's re-export needs the whole kfp SDK, the compiler only kfp-pipeline-spec.
     from tfx.orchestration.kubeflow.v2.kubeflow_v2_dag_runner import KubeflowV2DagRunner, KubeflowV2DagRunnerConfig
 
     from pipeline.pipeline import create_pipeline
+    from shaspec_tf import fileio
 
-    runner = KubeflowV2DagRunner(
-        config=KubeflowV2DagRunnerConfig(default_image=config.image),
-        output_dir=os.path.dirname(os.path.abspath(out)), output_filename=os.path.basename(out))
+    out = fileio.absolute(out)
+    runner = KubeflowV2DagRunner(config=KubeflowV2DagRunnerConfig(default_image=config.image),
+                                 output_dir=fileio.dirname(out), output_filename=fileio.basename(out))
     runner.run(create_pipeline(config, cloud=True))
-    return out
+    # Where it was written: ``tfx pipeline create`` moves the output to its own folder before running (TFX's
+    # KubeflowV2DagRunnerPatcher sets these two attributes, and reads them, the same way).
+    return fileio.join(runner._output_dir, runner._output_filename)  # pylint: disable=protected-access
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True, help="pipeline root, e.g. gs://BUCKET/shaspec")
-    parser.add_argument("--image", required=True, help="container image with shaspec-tf[pipeline] installed")
-    parser.add_argument("--project", default="")
-    parser.add_argument("--region", default="us-central1")
-    parser.add_argument("--brats-input", required=True, help="BraTS case folders (gs://...)")
-    parser.add_argument("--avmnist-input", required=True, help="folder with mnist8k.npz and fsdd/recordings")
-    parser.add_argument("--accelerator", default="NVIDIA_TESLA_T4")
-    parser.add_argument("--accelerator-count", type=int, default=1)
-    parser.add_argument("--machine-type", default="n1-standard-8")
-    parser.add_argument("--strategy", default="mirrored", choices=("default", "mirrored", "multi_worker"))
-    parser.add_argument("--vertex-training", action="store_true", help="Trainer as a Vertex AI custom job")
-    parser.add_argument("--dataflow", action="store_true", help="run the Beam components on Dataflow")
-    parser.add_argument("--out", default="shaspec_pipeline.json")
+def parse_config(argv, environ=None):
+    """``(PipelineConfig, args)`` from the flags ``argv`` over the environment; a bad or missing setting exits with
+    one line naming it."""
+    parser = build_parser(environ)
     args = parser.parse_args(argv)
-    config = cloud_config(args.root, args.image, args.project, args.region, args.brats_input, args.avmnist_input,
-                          args.accelerator, args.accelerator_count, args.machine_type, args.strategy,
-                          args.vertex_training, args.dataflow)
-    print(compile_pipeline(config, args.out))
+    try:
+        return config_from_args(args), args
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def main(argv=None, environ=None) -> int:
+    from shaspec_tf import logs
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logs.configure("--verbose" in argv or logs.verbose_default())   # before TensorFlow is imported
+    config, args = parse_config(argv, environ)
+    print(f"pipeline spec: {compile_pipeline(config, args.out)}")
     return 0
 
 
