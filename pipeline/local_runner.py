@@ -1,6 +1,7 @@
 """Run the shaspec-tf pipeline on this machine: LocalDagRunner, SQLite metadata, Beam DirectRunner.
 
-    python pipeline/local_runner.py [--root DIR] [--tiny] [--tasks brats,avmnist] [--no-cache] [--verbose]
+    python pipeline/local_runner.py [--root DIR|gs://...] [--tiny] [--tasks brats,avmnist] [--metadata FILE]
+                                    [--no-cache] [--verbose]
 
 or through the TFX command line (``SHASPEC_PIPELINE_ROOT``, ``SHASPEC_PIPELINE_SIZE=tiny``,
 ``SHASPEC_PIPELINE_TASKS`` and ``SHASPEC_VERBOSE=1`` choose what the flags do)::
@@ -54,12 +55,19 @@ def ensure_phantoms(config, size: str) -> None:
                                       skip_existing=True, progress=True)
 
 
-def make_config(root=None, size: str = "embedded", tasks=None):
+def make_config(root=None, size: str = "embedded", tasks=None, metadata=None):
+    """The pipeline of ``size`` under ``root`` (a folder or a URI such as ``gs://BUCKET/shaspec``). ML Metadata is a
+    SQLite file, so it stays on this machine: ``metadata``, else ROOT/metadata.db for a local root and
+    ./shaspec_pipeline_metadata/NAME.db for a URI root."""
     from pipeline import configs
     from shaspec_tf import fileio
 
     root = fileio.absolute(root or configs.default_root())
     config = configs.embedded_default(root) if size == "embedded" else configs.tiny(root)
+    if metadata:
+        config.metadata_path = os.path.abspath(metadata)
+    elif fileio.is_uri(config.metadata_path):
+        config.metadata_path = os.path.abspath(os.path.join("shaspec_pipeline_metadata", f"{config.name}.db"))
     if tasks:
         config.tasks = [t for t in config.tasks if t.task in tasks]
     return config
@@ -117,13 +125,16 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", default=os.environ.get("SHASPEC_PIPELINE_SIZE") == "tiny",
                         help="test-size data and models")
     parser.add_argument("--tasks", default=os.environ.get("SHASPEC_PIPELINE_TASKS", "brats,avmnist"))
+    parser.add_argument("--metadata", default=os.environ.get("SHASPEC_PIPELINE_METADATA"),
+                        help="ML Metadata SQLite file (default: ROOT/metadata.db; with a gs:// root "
+                             "./shaspec_pipeline_metadata/NAME.db, since SQLite needs a local file)")
     parser.add_argument("--no-cache", action="store_true")
     parser.add_argument("--verbose", action="store_true", default=logs.verbose_default(),
                         help=f"show TensorFlow's C++ log and the warnings of absl (TFX), Beam and Python (default: "
                              f"quiet; ${logs.VERBOSE_ENV}=1 sets it)")
     args = parser.parse_args(argv)
     size = "tiny" if args.tiny else "embedded"
-    config = make_config(args.root, size, [t for t in args.tasks.split(",") if t])
+    config = make_config(args.root, size, [t for t in args.tasks.split(",") if t], args.metadata)
     config.enable_cache = not args.no_cache
     result = run(config, size)
     if result is None:
