@@ -6,19 +6,18 @@ Both write GZIP TFRecords of ``tf.train.Example`` in the shaspec-tf contract (``
 protocol), and a ``manifest.json`` beside them (cases written and rejected, modality availability). The Beam pipeline
 is the one TFX makes from the pipeline's ``beam_pipeline_args`` (DirectRunner locally, Dataflow in the cloud).
 
-``input_fingerprint`` is not read by the executors: the pipeline fills it with a digest of the input files (names,
-sizes, modification times), so that TFX's cache reuses an earlier run exactly when the inputs are unchanged.
+``input_fingerprint`` is not read by the executors: the pipeline fills it with :func:`fingerprint`, a digest of the
+input files (names, sizes, modification times; ``shaspec_tf.data.files.input_fingerprint``), so that TFX's cache
+reuses an earlier run exactly when the inputs are unchanged. Inputs and outputs may be URIs (``gs://...``): every
+file access goes through ``shaspec_tf.fileio``.
 """
-
-import hashlib
-import json
-import os
-from typing import Iterable
 
 import apache_beam as beam
 from tfx import v1 as tfx
 from tfx.types import artifact_utils, standard_artifacts
 
+from shaspec_tf import fileio
+from shaspec_tf.data.files import input_fingerprint as fingerprint  # noqa: F401 -- pipeline.py's import
 from shaspec_tf.taskspec.constants import AVMNIST_SPLITS
 from shaspec_tf.taskspec.constants import BRATS_SPLITS
 
@@ -26,23 +25,6 @@ Examples = standard_artifacts.Examples
 OutputArtifact = tfx.dsl.components.OutputArtifact
 Parameter = tfx.dsl.components.Parameter
 BeamComponentParameter = tfx.dsl.components.BeamComponentParameter
-
-
-def fingerprint(paths: Iterable[str]) -> str:
-    """A digest of every file under ``paths`` (relative name, size, mtime): changes when an input changes."""
-    digest = hashlib.sha256()
-    for root in sorted(str(p) for p in paths):
-        if os.path.isfile(root):
-            walk = [(os.path.dirname(root), [], [os.path.basename(root)])]
-        else:
-            walk = os.walk(root)
-        for folder, dirs, files in walk:
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                stat = os.stat(path)
-                digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def _mark_examples(examples, splits) -> None:
@@ -57,10 +39,7 @@ def _write_split(pcoll, uri: str, split: str, shards: int, label: str):
 
 
 def _write_manifest(uri: str, manifest: dict) -> None:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(f"{uri}/manifest.json", "w") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True))
+    fileio.atomic_write_json(fileio.join(uri, "manifest.json"), manifest, sort_keys=True)
 
 
 @tfx.dsl.components.component(use_beam=True)
@@ -135,14 +114,8 @@ def AvMnistExampleGen(
                        | f"Make{split}" >> beam.Map(avmnist_job_example))
             _write_split(records, uri, split, shards, f"Write{split}")
     for split in AVMNIST_SPLITS:
-        manifest["splits"][split]["files"] = sorted(
-            os.path.basename(f) for f in _glob(f"{uri}/Split-{split}/*"))
+        manifest["splits"][split]["files"] = [
+            fileio.basename(f) for f in fileio.glob(fileio.join(uri, f"Split-{split}", "*"))]
     _write_manifest(uri, manifest)
     _mark_examples(examples, AVMNIST_SPLITS)
     examples.set_int_custom_property("samples", len(jobs))
-
-
-def _glob(pattern: str):
-    import tensorflow as tf
-
-    return tf.io.gfile.glob(pattern)

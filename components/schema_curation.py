@@ -80,10 +80,11 @@ def curate_schema(schema, task: str):
 def CurateSchema(schema: InputArtifact[standard_artifacts.Schema],
                  curated: OutputArtifact[standard_artifacts.Schema],
                  task: Parameter[str]):
-    """SchemaGen's schema -> the same with the contract's rules for ``task`` (see the module docstring)."""
-    import os
-
+    """SchemaGen's schema -> the same with the contract's rules for ``task`` (see the module docstring). The artifact
+    folders may be URIs: TFDV reads and writes through TensorFlow's file systems."""
     import tensorflow_data_validation as tfdv
 
-    inferred = tfdv.load_schema_text(os.path.join(schema.uri, SCHEMA_FILE))
-    tfdv.write_schema_text(curate_schema(inferred, task), os.path.join(curated.uri, SCHEMA_FILE))
+    from shaspec_tf import fileio
+
+    inferred = tfdv.load_schema_text(fileio.join(schema.uri, SCHEMA_FILE))
+    tfdv.write_schema_text(curate_schema(inferred, task), fileio.join(curated.uri, SCHEMA_FILE))

@@ -420,12 +420,14 @@ def test_read_published_avmnist_layout(tmp_path):
 
 def test_default_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("SHASPEC_DATA", str(tmp_path))
-    assert avmnist.default_data_dir() == tmp_path
+    assert avmnist.default_data_dir() == str(tmp_path)
+    monkeypatch.setenv("SHASPEC_DATA", "gs://bucket/avmnist")                # a URI is taken as it is
+    assert avmnist.default_data_dir() == "gs://bucket/avmnist"
     monkeypatch.delenv("SHASPEC_DATA")
     repo = Path(avmnist.__file__).resolve().parents[3]
     expected = repo.parent / "shared" / "data"
-    assert avmnist.default_data_dir() == (expected if expected.is_dir() else None)
-    monkeypatch.setattr(avmnist.sources, "_repo_root", lambda: tmp_path / "repo")
+    assert avmnist.default_data_dir() == (str(expected) if expected.is_dir() else None)
+    monkeypatch.setattr(avmnist.sources, "_repo_root", lambda: str(tmp_path / "repo"))
     assert avmnist.default_data_dir() is None
     with pytest.raises(FileNotFoundError) as info:
         avmnist.require_data_dir()

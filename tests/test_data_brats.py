@@ -114,9 +114,9 @@ def test_discover_2018_layout_subfolders_extensions_and_missing_t1(tmp_path):
     a, b, c = cases
     assert all(case.layout == "2018" for case in cases)
     assert a.paths["t1"] is None and a.modality_mask.tolist() == [1, 0, 1, 1]
-    assert a.paths["t1ce"] == tmp_path / "HGG" / "Brats18_2013_A" / "Brats18_2013_A_t1ce.nii.gz"
-    assert a.paths["t1ce"] != a.paths["t1"]
-    assert b.paths["flair"].name == "Brats18_CBICA_B_flair.nii" and b.seg.name == "Brats18_CBICA_B_seg.nii"
+    assert a.paths["t1ce"] == str(tmp_path / "HGG" / "Brats18_2013_A" / "Brats18_2013_A_t1ce.nii.gz")
+    assert a.paths["t1ce"] != a.paths["t1"] and a.folder == str(tmp_path / "HGG" / "Brats18_2013_A")
+    assert b.paths["flair"].endswith("/Brats18_CBICA_B_flair.nii") and b.seg.endswith("/Brats18_CBICA_B_seg.nii")
     assert b.modality_mask.tolist() == [1, 1, 1, 1]
     assert c.seg is None
 
@@ -133,9 +133,9 @@ def test_discover_2023_layout(tmp_path):
     assert [c.case_id for c in cases] == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
     files = cases[1]
     assert files.layout == "2023"
-    assert files.paths["flair"].name.endswith("-t2f.nii.gz") and files.paths["t1"].name.endswith("-t1n.nii.gz")
-    assert files.paths["t1ce"].name.endswith("-t1c.nii.gz") and files.paths["t2"] is None
-    assert files.seg == folder / "BraTS-GLI-00002-000-seg.nii.gz"
+    assert files.paths["flair"].endswith("-t2f.nii.gz") and files.paths["t1"].endswith("-t1n.nii.gz")
+    assert files.paths["t1ce"].endswith("-t1c.nii.gz") and files.paths["t2"] is None
+    assert files.seg == str(folder / "BraTS-GLI-00002-000-seg.nii.gz")
     record = brats.load_case(files)
     for channel, name in enumerate(schema.BRATS_MODALITIES[:3]):
         np.testing.assert_array_equal(record.image[..., channel], volumes[name].transpose(2, 1, 0))
@@ -229,7 +229,7 @@ def test_int16_with_scaling_is_scaled(tmp_path):
 def test_uncompressed_nii(tmp_path):
     _, volumes, labels = write_case(tmp_path, "case", ext=".nii", seed=4)
     files = only_case(tmp_path)
-    assert files.paths["t2"].suffix == ".nii"
+    assert files.paths["t2"].endswith("_t2.nii")
     record = brats.load_case(files, require_label=True)
     np.testing.assert_array_equal(record.image[..., 3], volumes["t2"].transpose(2, 1, 0))
     np.testing.assert_array_equal(record.label, labels.transpose(2, 1, 0))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from shaspec_tf.data.files import check_records, compression_of, record_dataset, split_files
+from shaspec_tf.data.files import check_records, compression_of, input_fingerprint, record_dataset, split_files
 from shaspec_tf.data.input import avmnist_dataset, brats_dataset
 from shaspec_tf.data.schema import BratsRecord, avmnist_example, brats_example
 
@@ -102,3 +102,32 @@ def test_check_records_counts_every_record_and_names_the_first_corrupt_one(tmp_p
         check_records([good, empty, truncated])
     with pytest.raises(FileNotFoundError, match="no such file"):
         check_records([str(tmp_path / f"missing.{ext}")])
+
+
+def test_input_fingerprint_changes_with_the_files_and_only_with_them(tmp_path):
+    import os
+
+    root = tmp_path / "in"
+    (root / "Case_1").mkdir(parents=True)
+    flair, wav = root / "Case_1" / "Case_1_flair.nii.gz", root / "1_theo_5.wav"
+    flair.write_bytes(b"a" * 100)
+    wav.write_bytes(b"b" * 50)
+    first = input_fingerprint([str(root)])
+    assert input_fingerprint([str(root) + "/"]) == first == input_fingerprint([root])
+    moved = tmp_path / "elsewhere"
+    os.rename(root, moved)
+    assert input_fingerprint([str(moved)]) == first, "names relative to the root: moving the data changes nothing"
+    os.rename(moved, root)
+    stamp = os.stat(wav).st_mtime_ns
+    wav.write_bytes(b"c" * 50)                                         # same size, rewritten
+    os.utime(wav, ns=(stamp + 10**9, stamp + 10**9))
+    rewritten = input_fingerprint([str(root)])
+    assert rewritten != first
+    (root / "Case_1" / "Case_1_t1.nii.gz").write_bytes(b"d")
+    added = input_fingerprint([str(root)])
+    assert added != rewritten
+    os.remove(root / "Case_1" / "Case_1_t1.nii.gz")
+    assert input_fingerprint([str(root)]) == rewritten
+    single = input_fingerprint([str(flair)])
+    assert single == input_fingerprint([str(flair)]) and single not in (first, rewritten)
+    assert input_fingerprint([str(tmp_path / "missing")]) == input_fingerprint([])

@@ -34,17 +34,21 @@ Every bad input raises :class:`BratsPreprocessError` (a ``ValueError``) with a o
 size against the file and a voxel limit (``max_voxels`` of :func:`load_case`, or ``SHASPEC_MAX_VOXELS``) before any
 voxel is read.
 
-NumPy and nibabel only.
+**Where.** The root folder and every file may be local or a URI (``gs://bucket/BraTS2021``): discovery and reading
+go through :mod:`shaspec_tf.fileio`, and case paths are strings.
+
+NumPy and nibabel (and TensorFlow's file system for URIs only).
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from shaspec_tf import fileio
 
 from .nifti import MAX_VOXELS, MAX_VOXELS_ENV, NiftiError, fail as _fail, max_voxels_limit, read_volume
 from .schema import BRATS_MODALITIES, BratsRecord
@@ -85,13 +89,14 @@ BratsPreprocessError = NiftiError
 
 @dataclass
 class BratsCaseFiles:
-    """The files of one case: ``paths`` maps each of ``flair, t1, t1ce, t2`` to a path or ``None`` (absent)."""
+    """The files of one case: ``paths`` maps each of ``flair, t1, t1ce, t2`` to a path or ``None`` (absent). Paths
+    are strings (local file names or URIs, see :mod:`shaspec_tf.fileio`)."""
 
     case_id: str
-    paths: Dict[str, Optional[Path]]
-    seg: Optional[Path] = None
+    paths: Dict[str, Optional[str]]
+    seg: Optional[str] = None
     layout: str = "2018"                    # "2018" (2018-2021 names) or "2023"
-    folder: Optional[Path] = field(default=None, compare=False)
+    folder: Optional[str] = field(default=None, compare=False)
 
     @property
     def modality_mask(self) -> np.ndarray:
@@ -108,29 +113,30 @@ def _match(name: str):
 
 
 def discover_cases(root: PathLike) -> List[BratsCaseFiles]:
-    """All cases under ``root`` (searched recursively, symbolic links to folders not followed), sorted by case id.
+    """All cases under ``root`` (a folder or a URI such as ``gs://bucket/BraTS2021``; searched recursively,
+    symbolic links to folders not followed), sorted by case id. Paths come back as strings under ``root``.
 
     Files are grouped by (folder, case id, layout). Raises ``FileNotFoundError`` when ``root`` does not exist and
     :class:`BratsPreprocessError` when it holds no case, when two files give the same sequence of a case (e.g.
     ``.nii`` and ``.nii.gz``) or when two folders hold the same case id.
     """
-    root = Path(root)
-    if not root.exists():
+    root = os.fspath(root)
+    root = root.rstrip("/") if fileio.is_uri(root) else root
+    if not fileio.exists(root):
         raise FileNotFoundError(f"{root}: no such folder")
-    if not root.is_dir():
+    if not fileio.isdir(root):
         raise _fail(root, "not a folder")
-    groups: Dict[Tuple[Path, str, str], Dict[str, Path]] = {}
-    for folder, subfolders, names in os.walk(root):
-        subfolders.sort()
-        for name in sorted(names):
+    groups: Dict[Tuple[str, str, str], Dict[str, str]] = {}
+    for folder, _, names in fileio.walk(root):
+        for name in names:
             if name.startswith("."):          # hidden files, e.g. macOS "._" resource forks
                 continue
             found = _match(name)
             if found is None:
                 continue
             layout, case_id, modality = found
-            files = groups.setdefault((Path(folder), case_id, layout), {})
-            path = Path(folder) / name
+            files = groups.setdefault((folder, case_id, layout), {})
+            path = fileio.join(folder, name)
             if modality in files:
                 raise _fail(path, f"second {modality} file of case {case_id!r} (also {files[modality]})")
             files[modality] = path
@@ -151,13 +157,13 @@ def discover_cases(root: PathLike) -> List[BratsCaseFiles]:
 # -- loading ------------------------------------------------------------------------------------------------------
 @dataclass
 class _Volume:
-    path: Path
+    path: str
     data: np.ndarray       # float32, NIfTI voxel axes (i, j, k), in the case's common orientation
     affine: np.ndarray
     zooms: Tuple[float, float, float]
 
 
-def _reorient(path: Path, data, affine, zooms, target_ornt) -> _Volume:
+def _reorient(path: str, data, affine, zooms, target_ornt) -> _Volume:
     """Permute/flip the voxel axes so that the image has orientation ``target_ornt`` (no resampling)."""
     from nibabel import orientations as nio
 
@@ -176,7 +182,7 @@ def _reorient(path: Path, data, affine, zooms, target_ornt) -> _Volume:
     return _Volume(path, new_data, new_affine, tuple(new_zooms))
 
 
-def _check_labels(path: Path, labels: np.ndarray, layout: str) -> np.ndarray:
+def _check_labels(path: str, labels: np.ndarray, layout: str) -> np.ndarray:
     allowed = _LABEL_VALUES[layout]
     values = np.unique(labels)
     bad = values[~np.isin(values, allowed)]
@@ -218,7 +224,7 @@ def load_case(files: BratsCaseFiles, require_label: bool = False, orientation: s
     reference: Optional[_Volume] = None
     target = nio.axcodes2ornt(("R", "A", "S")) if orientation == "canonical" else None
     for name in present + (["seg"] if files.seg is not None else []):
-        path = Path(files.paths[name] if name != "seg" else files.seg)
+        path = os.fspath(files.paths[name] if name != "seg" else files.seg)
         data, affine, zooms = read_volume(path, limit)
         if target is None:
             try:

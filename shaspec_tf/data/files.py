@@ -9,10 +9,14 @@ Three layouts hold the same records:
 | the TFX example gens (an ``Examples`` artifact) | ``DATA/Split-{split}/data-00000-of-0000N.gz`` (GZIP) |
 
 so ``shaspec train`` / ``evaluate`` take an ``Examples`` artifact's folder as ``--data`` as readily as their own.
+``DATA`` may be a URI (``gs://bucket/prepared``): files are found through :mod:`shaspec_tf.fileio` and read by
+``tf.data``, which takes URIs as they are. :func:`input_fingerprint` digests the raw inputs of a data set (names,
+sizes, modification times) for the TFX example gens' cache.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import hashlib
+from typing import Iterable, List, Optional, Sequence
 
 
 def split_patterns(data: str, split: str, task: str) -> List[str]:
@@ -26,15 +30,14 @@ def split_patterns(data: str, split: str, task: str) -> List[str]:
 def split_files(data: str, split: Optional[str], task: str) -> List[str]:
     """The sorted TFRecord files of ``split`` (empty: the task's evaluation split); a one-line ``FileNotFoundError``
     naming the patterns when none."""
-    import tensorflow as tf
-
+    from shaspec_tf import fileio
     from shaspec_tf.taskspec.registry import get_task
 
     task = get_task(task)
     split = task.split(split)
     patterns = task.record_patterns(data, split)
     for pattern in patterns:
-        files = sorted(tf.io.gfile.glob(pattern))
+        files = fileio.glob(pattern)
         if files:
             return files
     raise FileNotFoundError(f"no {split} TFRecords at {' or '.join(patterns)}; run 'shaspec prepare {task.name}' "
@@ -95,3 +98,31 @@ def _reason(error) -> str:
     text = text.splitlines()[0] if text else ""
     text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def input_fingerprint(paths: Iterable[str]) -> str:
+    """A digest of every file under ``paths`` (folders, files or URIs such as ``gs://bucket/BraTS2021``: each file's
+    name relative to its root, size and modification time), for the TFX example gens' ``input_fingerprint``: it
+    changes when an input file is added, removed, resized or rewritten (an object store stamps every upload), so
+    that TFX's cache reuses an earlier run exactly when the inputs are unchanged. Names and stamps only: no file is
+    read. A path that does not exist adds nothing."""
+    from shaspec_tf import fileio
+
+    digest = hashlib.sha256()
+    for root in sorted(str(p) for p in paths):
+        root = root.rstrip("/") if fileio.is_uri(root) else root
+        if fileio.isfile(root):
+            walk = [(fileio.dirname(root), [], [fileio.basename(root)])]
+        else:
+            walk = fileio.walk(root) if fileio.exists(root) else []
+        for folder, _, files in walk:
+            for name in files:
+                path = fileio.join(folder, name)
+                size, mtime_ns = fileio.stat(path)
+                digest.update(f"{_relative(path, root)}\0{size}\0{mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _relative(path: str, root: str) -> str:
+    """``path`` below ``root``, with ``/`` separators (``.`` for ``root`` itself, as ``os.path.relpath`` says)."""
+    return path[len(root.rstrip("/\\")):].lstrip("/\\").replace("\\", "/") or "."

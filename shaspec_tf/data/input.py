@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import tensorflow as tf
 
+from shaspec_tf import fileio
 from shaspec_tf.data.files import record_dataset
 from shaspec_tf.data.schema import (BRATS_MODALITIES, avmnist_model_inputs, brats_model_inputs, parse_avmnist_example,
                                     parse_brats_example, region_masks_tf)
@@ -141,7 +142,7 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
     skips the batches a resumed run has already seen, so it continues with exactly the batches an uninterrupted run
     would have drawn. Evaluation (``training=False``): whole cases, unbatched shapes, masks as recorded.
     """
-    files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
+    files = fileio.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
     ds = record_dataset(files, num_parallel_reads=min(len(files), 4))
@@ -173,7 +174,7 @@ def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, s
     ``audio_rate`` R keeps the audio of a fixed fraction R of the samples (chosen by a hash of the sample id, so the
     same samples every epoch) and marks it absent for the rest, on top of what the records hold (the builder's
     ``--audio-rate`` does the same at build time, per class). ``dropout`` adds per-batch modality dropout."""
-    files = tf.io.gfile.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
+    files = fileio.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
     ds = record_dataset(files).map(parse_avmnist_example, num_parallel_calls=AUTOTUNE)

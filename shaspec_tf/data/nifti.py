@@ -7,13 +7,22 @@ uncompressed file must be at least that large, and a compressed one (``.nii.gz``
 bytes without keeping them, and must hold them all. Whatever the file, a volume may hold at most
 :func:`max_voxels_limit` voxels (default :data:`MAX_VOXELS`, 512^3; a ``max_voxels`` argument or the environment
 variable ``SHASPEC_MAX_VOXELS`` change it).
+
+A path may be a URI (``gs://bucket/case/case_flair.nii.gz``, through :mod:`shaspec_tf.fileio`): its header is read
+from the start of the object's stream (decompressed on the fly for ``.gz`` / ``.bz2``), so the voxel limit is
+checked before the rest is downloaded; then the object's size (uncompressed files) or one pass over its stream
+(compressed files) backs the header exactly as for a local file, and only then are the voxels read.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
 
 import numpy as np
+
+from shaspec_tf import fileio
 
 __all__ = ["MAX_VOXELS", "MAX_VOXELS_ENV", "NiftiError", "check_declared_size", "fail", "max_voxels_limit",
            "read_volume"]
@@ -36,6 +45,7 @@ MAX_VOXELS = 512 ** 3
 #: Environment variable overriding :data:`MAX_VOXELS` (a positive integer), e.g. for ``shaspec predict``.
 MAX_VOXELS_ENV = "SHASPEC_MAX_VOXELS"
 _STREAM_CHUNK = 1 << 22          # bytes per read when counting a compressed stream
+_COMPRESSED = (".gz", ".bz2", ".zst", ".mgz")
 
 
 def max_voxels_limit(max_voxels: Optional[int] = None) -> int:
@@ -65,9 +75,33 @@ def _bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_declared_size(path, image, shape: Tuple[int, ...], limit: int) -> None:
+@dataclass
+class _Stored:
+    """How a NIfTI file is stored: its size in bytes as stored, where its voxel data start (in the uncompressed
+    stream), whether it is compressed, and how to open its uncompressed stream again."""
+    size: int
+    offset: int
+    compressed: bool
+    open: Callable
+
+
+def _stored_local(image) -> Optional[_Stored]:
+    """:class:`_Stored` of an image nibabel loaded from a local file name (``None`` when it was not)."""
+    proxy = image.dataobj
+    source = getattr(proxy, "file_like", None)
+    offset = getattr(proxy, "offset", None)
+    if not (isinstance(source, (str, os.PathLike)) and isinstance(offset, (int, np.integer))):
+        return None
+    from nibabel.openers import ImageOpener
+
+    return _Stored(fileio.size(os.fspath(source)), int(offset), str(source).lower().endswith(_COMPRESSED),
+                   lambda: ImageOpener(str(source), "rb"))
+
+
+def check_declared_size(path, image, shape: Tuple[int, ...], limit: int, stored: Optional[_Stored] = None) -> None:
     """Refuse, before any voxel data is read, a header whose declared size the file cannot back or that exceeds
-    ``limit`` voxels (see the module docstring)."""
+    ``limit`` voxels (see the module docstring). ``stored`` says how the file is stored (default: from the local
+    file name nibabel read ``image`` from)."""
     if any(s < 1 for s in shape):
         raise fail(path, f"header declares an empty volume of shape {shape}")
     voxels = int(np.prod([int(s) for s in shape], dtype=object))
@@ -77,26 +111,18 @@ def check_declared_size(path, image, shape: Tuple[int, ...], limit: int) -> None
         raise fail(path, f"cannot read NIfTI header (data type: {error})") from error
     nbytes = voxels * dtype.itemsize
     declared = f"header declares shape {shape} of {dtype.name}"
-    proxy = image.dataobj
-    source = getattr(proxy, "file_like", None)
-    offset = getattr(proxy, "offset", None)
-    readable = isinstance(source, (str, os.PathLike)) and isinstance(offset, (int, np.integer))
-    compressed = readable and str(source).lower().endswith((".gz", ".bz2", ".zst", ".mgz"))
-    if readable and not compressed:
-        size = os.path.getsize(source)
-        if size < int(offset) + nbytes:
-            raise fail(path, f"{declared} ({_bytes(nbytes)} of voxel data), but the file "
-                              f"holds {size} bytes: truncated, or not what its header says")
+    stored = stored if stored is not None else _stored_local(image)
+    if stored is not None and not stored.compressed and stored.size < stored.offset + nbytes:
+        raise fail(path, f"{declared} ({_bytes(nbytes)} of voxel data), but the file "
+                          f"holds {stored.size} bytes: truncated, or not what its header says")
     if voxels > limit:
         raise fail(path, f"{declared} = {voxels:,} voxels, above the limit of {limit:,} per volume (set max_voxels, "
                           f"--max-voxels or {MAX_VOXELS_ENV} to allow more); the file holds "
-                          f"{os.path.getsize(source) if readable else 'an unknown number of'} bytes")
-    if compressed:
-        from nibabel.openers import ImageOpener
-
-        need, got = int(offset) + nbytes, 0
+                          f"{stored.size if stored is not None else 'an unknown number of'} bytes")
+    if stored is not None and stored.compressed:
+        need, got = stored.offset + nbytes, 0
         try:
-            with ImageOpener(str(source), "rb") as stream:
+            with stored.open() as stream:
                 while got < need:
                     chunk = stream.read(min(_STREAM_CHUNK, need - got))
                     if not chunk:
@@ -110,27 +136,86 @@ def check_declared_size(path, image, shape: Tuple[int, ...], limit: int) -> None
                               f"uncompressed stream holds {got} bytes: truncated, or not what its header says")
 
 
-def read_volume(path, max_voxels: int = MAX_VOXELS):
-    """``(float32 data (i, j, k), affine, zooms)`` as stored; every reading failure -> one-line error. The header's
-    declared size is checked (:func:`check_declared_size`) before any voxel is read."""
+@contextlib.contextmanager
+def _uri_stream(path: str):
+    """The uncompressed byte stream of the object ``path`` (``.gz`` / ``.bz2`` decompressed as it is read)."""
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(fileio.open_file(path, "rb"))
+        name = path.lower()
+        if name.endswith(".gz"):
+            import gzip
+
+            raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif name.endswith(".bz2"):
+            import bz2
+
+            raw = stack.enter_context(bz2.BZ2File(raw, mode="rb"))
+        yield raw
+
+
+def _header_class(stream):
+    """``Nifti1Image`` or ``Nifti2Image`` by the header size the stream starts with (348 or 540, either byte
+    order); ``None`` for anything else."""
     import nibabel as nib
 
-    try:
-        image = nib.load(str(path))
-        shape = tuple(int(s) for s in image.shape)
-    except Exception as error:  # noqa: BLE001 -- nibabel raises many kinds for corrupt files
-        raise fail(path, f"cannot read NIfTI header ({type(error).__name__}: {error})") from error
-    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
-        raise fail(path, f"expected a 3D volume, got shape {shape}")
-    check_declared_size(path, image, shape, max_voxels)
-    try:
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-    except MemoryError:
-        raise fail(path, f"not enough memory to load shape {shape} "
-                          f"({_bytes(int(np.prod(shape, dtype=object)) * 4)} as float32)") from None
-    except Exception as error:  # noqa: BLE001 -- truncated gzip: EOFError, zlib.error, OSError, ValueError
-        raise fail(path, f"cannot read voxel data, truncated or corrupt file? ({type(error).__name__}: {error})"
-                    ) from error
+    head = stream.read(4)
+    stream.seek(0)
+    if len(head) < 4:
+        return None
+    for order in ("<", ">"):
+        size = int(np.frombuffer(head, f"{order}i4")[0])
+        if size in (348, 540):
+            return nib.Nifti1Image if size == 348 else nib.Nifti2Image
+    return None
+
+
+@contextlib.contextmanager
+def _opened(path):
+    """``(image, stored)`` for ``path``: nibabel's image (header read, voxels not yet) and how the file is stored
+    (``None``: ask the image). A URI's header is read from the start of its stream; the stream stays open for the
+    voxels until the context ends."""
+    import nibabel as nib
+
+    if not fileio.is_uri(path):
+        yield nib.load(str(path)), None
+        return
+    path = str(path)
+    with _uri_stream(path) as stream:
+        try:
+            size = fileio.size(path)
+            klass = _header_class(stream)
+            if klass is None:
+                raise ValueError("not a NIfTI-1 or NIfTI-2 file (the header size is neither 348 nor 540)")
+            image = klass.from_file_map(klass.make_file_map({"image": stream}), mmap=False)
+            offset = int(image.dataobj.offset)
+        except Exception as error:  # noqa: BLE001 -- same wording as a local file's
+            raise fail(path, f"cannot read NIfTI header ({type(error).__name__}: {error})") from error
+        compressed = path.lower().endswith((".gz", ".bz2"))
+        yield image, _Stored(size, offset, compressed, lambda: _uri_stream(path))
+
+
+def read_volume(path, max_voxels: int = MAX_VOXELS):
+    """``(float32 data (i, j, k), affine, zooms)`` as stored; every reading failure -> one-line error. The header's
+    declared size is checked (:func:`check_declared_size`) before any voxel is read. ``path`` may be a URI."""
+    with contextlib.ExitStack() as stack:
+        try:
+            image, stored = stack.enter_context(_opened(path))
+            shape = tuple(int(s) for s in image.shape)
+        except NiftiError:
+            raise
+        except Exception as error:  # noqa: BLE001 -- nibabel raises many kinds for corrupt files
+            raise fail(path, f"cannot read NIfTI header ({type(error).__name__}: {error})") from error
+        if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+            raise fail(path, f"expected a 3D volume, got shape {shape}")
+        check_declared_size(path, image, shape, max_voxels, stored)
+        try:
+            data = np.asarray(image.get_fdata(dtype=np.float32))
+        except MemoryError:
+            raise fail(path, f"not enough memory to load shape {shape} "
+                              f"({_bytes(int(np.prod(shape, dtype=object)) * 4)} as float32)") from None
+        except Exception as error:  # noqa: BLE001 -- truncated gzip: EOFError, zlib.error, OSError, ValueError
+            raise fail(path, f"cannot read voxel data, truncated or corrupt file? ({type(error).__name__}: {error})"
+                        ) from error
     data = data.reshape(shape[:3])
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))

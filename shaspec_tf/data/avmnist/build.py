@@ -1,9 +1,11 @@
 """Writing an AV-MNIST build (:func:`build_avmnist`): sharded TFRecords and the manifest, staged and renamed into
-place, into an output folder that is absent, empty or provably an earlier build (:mod:`shaspec_tf.fileio`)."""
+place, into an output folder that is absent, empty or provably an earlier build (:mod:`shaspec_tf.fileio`). The
+output may be a URI (``gs://bucket/avmnist``): it is staged beside the target there and its objects copied into
+place, the ownership marker last."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -24,8 +26,8 @@ def legacy_output(folder) -> bool:
     manifest is ours (``task`` avmnist, our ``schema_version``) and the folder holds nothing but that manifest and the
     TFRecord files it lists."""
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = fileio.read_json(fileio.join(os.fspath(folder), MANIFEST))
+    except Exception:  # noqa: BLE001 -- absent (OSError, or TensorFlow's NotFoundError for a URI), not JSON: not ours
         return False
     if not isinstance(manifest, dict) or manifest.get("task") != TASK or \
             manifest.get("schema_version") != schema.SCHEMA_VERSION or not isinstance(manifest.get("splits"), dict):
@@ -36,13 +38,13 @@ def legacy_output(folder) -> bool:
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             return False
         implied.update(files)
-    return set(fileio.list_files(str(folder))) <= implied
+    return set(fileio.list_files(os.fspath(folder))) <= implied
 
 
-def _check_out_dir(out_dir: Path) -> None:
+def _check_out_dir(out_dir: str) -> None:
     """Refuse, with a one-line ``FileExistsError`` and touching nothing, an ``out_dir`` that is not absent, empty, or
     an earlier AV-MNIST build (:func:`shaspec_tf.fileio.ensure_replaceable` with :func:`legacy_output`)."""
-    fileio.ensure_replaceable(str(out_dir), KIND, legacy=legacy_output)
+    fileio.ensure_replaceable(out_dir, KIND, legacy=legacy_output)
 
 
 def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
@@ -70,7 +72,7 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
     one-line ``FileExistsError`` and left untouched. Every requested recording (digit x speaker x index) must exist:
     a missing one is a one-line ``FileNotFoundError`` naming it, so the manifest's indices are the samples written.
     """
-    out_dir = Path(out_dir)
+    out_dir = os.fspath(out_dir)
     _check_out_dir(out_dir)
     manifest, jobs = plan_avmnist(mnist_npz, fsdd_dir, speakers, test_indices, train_indices, all_test, audio_rate,
                                   seed, shards)
@@ -82,14 +84,14 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
     for job in tqdm(jobs, desc="AV-MNIST recordings", unit="wav", disable=not progress):
         examples[job.split].append((job.sample_id, avmnist_job_example(job)))
 
-    staging = Path(fileio.staging_dir(str(out_dir)))   # hidden sibling; dead runs' leftovers go first
+    staging = fileio.staging_dir(out_dir)   # hidden sibling; dead runs' leftovers go first
     try:
         for split, records in examples.items():
             if split == "train":
                 order = np.random.default_rng([int(seed), 10]).permutation(len(records))
                 records = [records[i] for i in order]
             files = manifest["splits"][split]["files"]
-            writers = [tf.io.TFRecordWriter(str(staging / name)) for name in files]
+            writers = [tf.io.TFRecordWriter(fileio.join(staging, name)) for name in files]
             try:
                 for i, (_, serialized) in enumerate(records):
                     writers[i % len(writers)].write(serialized)
@@ -97,12 +99,12 @@ def build_avmnist(mnist_npz=None, fsdd_dir=None, out_dir="avmnist",
                 for writer in writers:
                     writer.close()
         _write_manifest(staging, manifest)      # last: a folder without a manifest is never a complete build
-        fileio.replace_dir(str(staging), str(out_dir), KIND, legacy=legacy_output)
+        fileio.replace_dir(staging, out_dir, KIND, legacy=legacy_output)
     except BaseException:
-        fileio.remove_tree(str(staging))
+        fileio.remove_tree(staging)
         raise
     return manifest
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+def _write_manifest(folder: str, manifest: dict) -> None:
+    fileio.atomic_write(fileio.join(folder, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True) + "\n")

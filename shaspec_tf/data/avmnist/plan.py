@@ -2,12 +2,13 @@
 one planned sample made into a record (:func:`avmnist_job_example`), locally or in a Beam pipeline."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from shaspec_tf import fileio
 from shaspec_tf.data import schema
 from shaspec_tf.data.avmnist.dsp import (DECIMATION, HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_MFCC, TARGET_RATE, TOP_DB,
                                          mfcc)
@@ -34,6 +35,12 @@ def _shard_counts(shards, splits) -> dict:
     return counts
 
 
+
+
+def _where(path) -> str:
+    """A source as the manifest records it: a URI as it is, a local path absolute with links resolved."""
+    path = os.fspath(path)
+    return path if fileio.is_uri(path) else os.path.realpath(os.path.expanduser(path))
 
 
 @dataclass(frozen=True)
@@ -142,7 +149,7 @@ def plan_avmnist(mnist_npz=None, fsdd_dir=None, speakers: Optional[Sequence[str]
         "all_test": bool(all_test),
         "train_indices": [] if all_test else train_idx,
         "test_indices": sorted({r.index for r in recordings}) if all_test else test_idx,
-        "sources": {"mnist_npz": str(Path(mnist_npz).resolve()), "fsdd_dir": str(Path(fsdd_dir).resolve())},
+        "sources": {"mnist_npz": _where(mnist_npz), "fsdd_dir": _where(fsdd_dir)},
         "mfcc": {"shape": [N_MFCC, N_FRAMES], "orientation": "coefficients x frames", "target_rate": TARGET_RATE,
                  "decimation": DECIMATION, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
                  "top_db": TOP_DB},

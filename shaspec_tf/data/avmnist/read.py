@@ -2,20 +2,22 @@
 ``.npy`` layout (:func:`read_published_avmnist`)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import io
+import os
 
 import numpy as np
 
+from shaspec_tf import fileio
 from shaspec_tf.data.avmnist.build import MANIFEST
 
 
 def tfrecord_files(out_dir, split: str):
     """The TFRecord files of ``split`` in a build, in order (from its manifest)."""
-    manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    out_dir = os.fspath(out_dir)
+    manifest = fileio.read_json(fileio.join(out_dir, MANIFEST))
     if split not in manifest["splits"]:
         raise KeyError(f"{out_dir} has no split {split!r} (it has {sorted(manifest['splits'])})")
-    return [str(Path(out_dir) / name) for name in manifest["splits"][split]["files"]]
+    return [fileio.join(out_dir, name) for name in manifest["splits"][split]["files"]]
 
 
 PUBLISHED_LAYOUT = ("image/{split}_data.npy", "audio/{split}_data.npy", "{split}_labels.npy")
@@ -33,17 +35,16 @@ def read_published_avmnist(npy_dir, normalize: bool = True, splits=("train", "te
     divided by 255 when ``normalize`` (as MultiBench does). This is the 70k CentralNet variant, *not* the SMIL
     variant ShaSpec used: its 112x112 audio does not fit ``schema.avmnist_example`` (20x20 MFCCs) as is.
     """
-    root = Path(npy_dir)
-    if not root.is_dir():
+    root = os.fspath(npy_dir)
+    if not fileio.isdir(root):
         raise FileNotFoundError(f"published AV-MNIST folder {root} does not exist")
     out = {}
     for split in splits:
-        paths = [root / pattern.format(split=split) for pattern in PUBLISHED_LAYOUT]
-        missing = [str(p.relative_to(root)) for p in paths if not p.is_file()]
+        names = [pattern.format(split=split) for pattern in PUBLISHED_LAYOUT]
+        missing = [name for name in names if not fileio.isfile(fileio.join(root, *name.split("/")))]
         if missing:
-            raise FileNotFoundError(f"{root}: missing {missing} (expected layout: "
-                                    f"{', '.join(p.format(split=split) for p in PUBLISHED_LAYOUT)})")
-        image, audio, label = (np.load(p, allow_pickle=False) for p in paths)
+            raise FileNotFoundError(f"{root}: missing {missing} (expected layout: {', '.join(names)})")
+        image, audio, label = (_load_npy(fileio.join(root, *name.split("/"))) for name in names)
         n = label.reshape(-1).shape[0]
         if image.shape[0] != n or audio.shape[0] != n:
             raise ValueError(f"{root}: {split} has {image.shape[0]} images, {audio.shape[0]} audios, {n} labels")
@@ -61,3 +62,10 @@ def read_published_avmnist(npy_dir, normalize: bool = True, splits=("train", "te
             audio /= 255.0
         out[split] = {"image": image, "audio": audio, "label": label.reshape(-1).astype(np.int64)}
     return out
+
+
+def _load_npy(path: str) -> np.ndarray:
+    """An ``.npy`` array from a local file or a URI (whose bytes are read first)."""
+    if not fileio.is_uri(path):
+        return np.load(path, allow_pickle=False)
+    return np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False)

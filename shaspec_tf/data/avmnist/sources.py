@@ -1,16 +1,21 @@
 """Where the AV-MNIST inputs live and how they are read: the data folder (``SHASPEC_DATA``), FSDD WAVs
-(:func:`load_wav`, :func:`find_recordings`) and the MNIST npz (:func:`load_mnist`)."""
+(:func:`load_wav`, :func:`find_recordings`) and the MNIST npz (:func:`load_mnist`).
+
+Every path is a string that may be a URI (``SHASPEC_DATA=gs://bucket/avmnist``): folders are listed and files read
+through :mod:`shaspec_tf.fileio`."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+
+from shaspec_tf import fileio
 
 DEFAULT_SPEAKERS = ("jackson", "nicolas", "theo")
 WAV_PATTERN = re.compile(r"^(\d)_([A-Za-z0-9]+)_(\d+)\.wav$")
@@ -20,36 +25,37 @@ DATA_HELP = ("get the data: FSDD with `git clone https://github.com/Jakobovski/f
 
 
 # -- data location ----------------------------------------------------------------------------------------------------
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[3]
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))))
 
 
-def default_data_dir() -> Optional[Path]:
-    """Where the real data lives: ``$SHASPEC_DATA`` if set (returned as given, checked by :func:`require_data_dir`),
-    else ``../shared/data`` next to the repository root if that folder exists, else ``None``."""
+def default_data_dir() -> Optional[str]:
+    """Where the real data lives: ``$SHASPEC_DATA`` if set (returned as given, ``~`` expanded, checked by
+    :func:`require_data_dir`; a URI is fine), else ``../shared/data`` next to the repository root if that folder
+    exists, else ``None``."""
     env = os.environ.get("SHASPEC_DATA")
     if env:
-        return Path(env).expanduser()
-    shared = _repo_root().parent / "shared" / "data"
-    return shared if shared.is_dir() else None
+        return env if fileio.is_uri(env) else os.path.expanduser(env)
+    shared = os.path.join(os.path.dirname(_repo_root()), "shared", "data")
+    return shared if fileio.isdir(shared) else None
 
 
-def require_data_dir(data_dir: Union[str, Path, None] = None) -> Path:
+def require_data_dir(data_dir: Union[str, "os.PathLike[str]", None] = None) -> str:
     """``data_dir`` (or :func:`default_data_dir`), checked to be a folder; otherwise a one-line
     ``FileNotFoundError`` saying how to get the data."""
-    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    path = os.fspath(data_dir) if data_dir is not None else default_data_dir()
     if path is None:
         raise FileNotFoundError(f"no AV-MNIST data: SHASPEC_DATA is not set and no ../shared/data next to "
                                 f"{_repo_root()}; {DATA_HELP}")
-    if not path.is_dir():
+    if not fileio.isdir(path):
         raise FileNotFoundError(f"AV-MNIST data folder {path} does not exist; {DATA_HELP}")
     return path
 
 
-def default_sources(data_dir: Union[str, Path, None] = None):
+def default_sources(data_dir: Union[str, "os.PathLike[str]", None] = None):
     """``(mnist_npz, fsdd_dir)`` under the data folder: ``DIR/mnist8k.npz`` and ``DIR/fsdd/recordings``."""
     root = require_data_dir(data_dir)
-    return root / "mnist8k.npz", root / "fsdd" / "recordings"
+    return fileio.join(root, "mnist8k.npz"), fileio.join(root, "fsdd", "recordings")
 
 
 # -- audio -------------------------------------------------------------------------------------------------------------
@@ -69,11 +75,10 @@ def load_wav(path) -> tuple:
     ``tensorflow_io`` when installed. A missing, empty or corrupt file raises a one-line error naming it."""
     import tensorflow as tf
 
-    path = str(path)
-    if not tf.io.gfile.exists(path):
+    path = os.fspath(path)
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"{path}: WAV file not found")
-    with tf.io.gfile.GFile(path, "rb") as fh:
-        contents = fh.read()
+    contents = fileio.read_bytes(path)
     try:
         audio, rate = tf.audio.decode_wav(contents)
         wave, rate = audio.numpy(), int(rate.numpy())
@@ -98,8 +103,9 @@ def _load_wav_tfio(path):
     except ImportError:
         return None
     try:
-        reader = tfio.audio.AudioIOTensor(path)
-        data, rate = reader.to_tensor().numpy(), int(reader.rate.numpy())
+        with fileio.local_copy(path, suffix=".wav") as local:
+            reader = tfio.audio.AudioIOTensor(local)
+            data, rate = reader.to_tensor().numpy(), int(reader.rate.numpy())
     except Exception:  # noqa: BLE001 - any failure means "cannot read": the caller names the file
         return None
     if data.dtype == np.int16:
@@ -119,7 +125,7 @@ class Recording:
     digit: int
     speaker: str
     index: int
-    path: Path
+    path: str
 
     @property
     def stem(self) -> str:
@@ -129,14 +135,15 @@ class Recording:
 def find_recordings(fsdd_dir, speakers: Optional[Sequence[str]] = DEFAULT_SPEAKERS):
     """FSDD WAVs ``{digit}_{speaker}_{index}.wav`` of ``speakers`` (``None``: all) in ``fsdd_dir``, sorted by digit,
     speaker and index. One-line errors for a missing folder, an unknown speaker or no matching WAV."""
-    folder = Path(fsdd_dir)
-    if not folder.is_dir():
+    folder = os.fspath(fsdd_dir)
+    if not fileio.isdir(folder):
         raise FileNotFoundError(f"FSDD recordings folder {folder} does not exist; {DATA_HELP}")
     found = []
-    for entry in folder.iterdir():
-        match = WAV_PATTERN.match(entry.name)
+    for name in fileio.listdir(folder):
+        match = WAV_PATTERN.match(name)
         if match:
-            found.append(Recording(int(match.group(1)), match.group(2), int(match.group(3)), entry))
+            found.append(Recording(int(match.group(1)), match.group(2), int(match.group(3)),
+                                   fileio.join(folder, name)))
     available = sorted({r.speaker for r in found})
     if not found:
         raise FileNotFoundError(f"no FSDD WAVs named {{digit}}_{{speaker}}_{{index}}.wav in {folder}; {DATA_HELP}")
@@ -151,14 +158,16 @@ def find_recordings(fsdd_dir, speakers: Optional[Sequence[str]] = DEFAULT_SPEAKE
 def load_mnist(mnist_npz):
     """``(images uint8 [N, 28, 28], labels int64 [N])`` from an npz with ``images`` and ``labels``; one-line errors
     for a missing file or wrong arrays."""
-    path = Path(mnist_npz)
-    if not path.is_file():
+    path = os.fspath(mnist_npz)
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"MNIST npz {path} does not exist; {DATA_HELP}")
-    if not zipfile.is_zipfile(path):  # an .npy, a pickle or text under an .npz name, or a cut-off download
+    source = io.BytesIO(fileio.read_bytes(path))
+    if not zipfile.is_zipfile(source):  # an .npy, a pickle or text under an .npz name, or a cut-off download
         raise ValueError(f"{path}: not an npz archive (a zip of .npy arrays: np.savez); a renamed .npy, another "
                          f"format, or a truncated file?")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        source.seek(0)
+        with np.load(source, allow_pickle=False) as data:
             keys = set(data.files)
             if not {"images", "labels"} <= keys:
                 raise ValueError(f"{path}: expected arrays 'images' (uint8 [N, 28, 28]) and 'labels', "
