@@ -15,14 +15,15 @@ The ``evaluation`` artifact holds the candidate's report (``metrics.json``, ``me
 ``heatmap.png``; ``shaspec_tf.evaluation.write_reports``), the baseline's beside it and a side-by-side comparison when
 there is one, and ``verdict.json``. The ``blessing`` artifact carries the properties the Pusher and the resolver read
 (``blessed``, ``current_model``, ``current_model_id``) and a ``BLESSED`` or ``NOT_BLESSED`` file, as TFX's Evaluator.
+Every file goes through :mod:`shaspec_tf.fileio`, so the artifacts may live on ``gs://`` (Kubeflow, Vertex AI).
 """
 
-import json
-import os
 from typing import Optional, Tuple
 
 from tfx import v1 as tfx
 from tfx.types import standard_artifacts
+
+from shaspec_tf import fileio
 
 InputArtifact = tfx.dsl.components.InputArtifact
 OutputArtifact = tfx.dsl.components.OutputArtifact
@@ -67,7 +68,7 @@ def judge(candidate: dict, baseline: Optional[dict], min_mean: float, min_worst:
 
 def model_folder(model) -> str:
     """The ``shaspec train`` folder inside a TFX ``Model`` artifact."""
-    return os.path.join(model.uri, SHASPEC_FORMAT)
+    return fileio.join(model.uri, SHASPEC_FORMAT)
 
 
 @tfx.dsl.components.component
@@ -94,7 +95,7 @@ def MissingModalityEvaluator(
 
     def score(artifact, folder):
         results = evaluate_trained(model_folder(artifact), examples.uri, split=split, overlap=overlap)
-        write_reports(results, os.path.join(out, folder), title=f"{task}: {folder} model (artifact "
+        write_reports(results, fileio.join(out, folder), title=f"{task}: {folder} model (artifact "
                                                                  f"{artifact.id}), split {split}")
         return results
 
@@ -107,12 +108,11 @@ def MissingModalityEvaluator(
         baseline = score(baseline_model, "baseline")
         baseline_summary = summarise(baseline)
         verdict["baseline"] = {"model": baseline_model.uri, "model_id": baseline_model.id, **baseline_summary}
-        compare_models({"candidate": candidate, "blessed": baseline}, os.path.join(out, "comparison"),
+        compare_models({"candidate": candidate, "blessed": baseline}, fileio.join(out, "comparison"),
                        title=f"{task}: candidate vs the latest blessed model")
     blessed, reasons = judge(verdict["candidate"], baseline_summary, min_mean, min_worst, max_regression)
     verdict.update(blessed=blessed, reasons=reasons)
-    with open(os.path.join(out, "verdict.json"), "w") as f:
-        json.dump(verdict, f, indent=2, sort_keys=True)
+    fileio.atomic_write_json(fileio.join(out, "verdict.json"), verdict, sort_keys=True)
 
     blessing.set_int_custom_property("blessed", int(blessed))
     blessing.set_string_custom_property("current_model", model.uri)
@@ -124,6 +124,6 @@ def MissingModalityEvaluator(
         blessing.set_int_custom_property("baseline_model_id", baseline_model.id)
     if reasons:
         blessing.set_string_custom_property("reasons", "; ".join(reasons))
-    os.makedirs(blessing.uri, exist_ok=True)
-    with open(os.path.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"), "w") as f:
-        f.write("\n".join(reasons) + ("\n" if reasons else ""))
+    fileio.makedirs(blessing.uri)
+    fileio.atomic_write(fileio.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"),
+                        "\n".join(reasons) + ("\n" if reasons else ""))

@@ -5,36 +5,29 @@ pipeline whose Trainer was cached (the evaluator re-runs once a blessing exists)
 second version. Here a version whose SavedModel fingerprint (``fingerprint.pb``, written by TensorFlow with every
 SavedModel) equals the candidate's counts as the push: the ``PushedModel`` artifact records that version.
 """
-import os
-
 from tfx import v1 as tfx
 from tfx.components.pusher import executor as pusher_executor
 from tfx.dsl.components.base import executor_spec
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import io_utils, proto_utils
 
+from shaspec_tf import fileio
+
 FINGERPRINT = "fingerprint.pb"
 
 
 def _read(path: str):
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return f.read()
+    return fileio.read_bytes(path) if fileio.isfile(path) else None
 
 
 def pushed_version_of(model_path: str, base_directory: str):
-    """The version folder under ``base_directory`` that holds the SavedModel at ``model_path``, or None."""
-    import tensorflow as tf
-
-    mine = _read(os.path.join(model_path, FINGERPRINT))
-    if mine is None or not tf.io.gfile.isdir(base_directory):
+    """The version folder under ``base_directory`` that holds the SavedModel at ``model_path``, or None (either may
+    be a URI)."""
+    mine = _read(fileio.join(model_path, FINGERPRINT))
+    if mine is None or not fileio.isdir(base_directory):
         return None
-    for name in sorted(tf.io.gfile.listdir(base_directory), reverse=True):
-        name = name.rstrip("/")
-        if name.isdigit() and _read(os.path.join(base_directory, name, FINGERPRINT)) == mine:
+    for name in sorted(fileio.listdir(base_directory), reverse=True):
+        if name.isascii() and name.isdigit() and _read(fileio.join(base_directory, name, FINGERPRINT)) == mine:
             return name
     return None
 
@@ -52,7 +45,7 @@ class IdempotentPusherExecutor(pusher_executor.Executor):
                     model_push = artifact_utils.get_single_instance(
                         output_dict[standard_component_specs.PUSHED_MODEL_KEY])
                     io_utils.copy_dir(model_path, model_push.uri)
-                    self._MarkPushed(model_push, pushed_destination=os.path.join(base, version),
+                    self._MarkPushed(model_push, pushed_destination=fileio.join(base, version),
                                      pushed_version=version)
                     return
         super().Do(input_dict, output_dict, exec_properties)

@@ -18,7 +18,8 @@ from shaspec_tf import cli
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-base", required=True, help="folder of NAME/VERSION SavedModels")
+    parser.add_argument("--model-base", required=True, help="folder of NAME/VERSION SavedModels (a path or a gs:// "
+                                                            "URI)")
     parser.add_argument("--grpc-port", type=int, default=8500)
     parser.add_argument("--rest-port", type=int, default=8501)
     parser.add_argument("--host", default="127.0.0.1",

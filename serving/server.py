@@ -8,10 +8,13 @@ It listens on the loopback interface (127.0.0.1) unless ``--host`` says otherwis
 TLS: bind it elsewhere only behind your own network policy (a warning says what is exposed).
 
 Every sub-folder of BASE is a model; its integer sub-folders holding a ``saved_model.pb`` are its versions (loaded
-with ``tf.saved_model.load``); requests without a version get the highest one. BASE is re-scanned every
-``poll_seconds``: a version dropped in (renamed into place, as ``shaspec export`` does) is loaded and served
-without a restart, a removed one is unloaded; a version that failed to load is tried again whenever anything in its
-folder changes (a version copied in file by file is served once it is complete).
+with ``tf.saved_model.load``); requests without a version get the highest one. BASE may be a local folder or a URI
+(``gs://bucket/models``: listed through :mod:`shaspec_tf.fileio`; each version is copied to a temporary local folder,
+loaded, and the copy removed). BASE is re-scanned every ``poll_seconds``: a version dropped in (renamed into place,
+as ``shaspec export`` does) is loaded and served without a restart, a removed one is unloaded; a version that failed
+to load is tried again whenever anything in its folder changes (a version copied in file by file is served once it
+is complete). On a bucket every scan lists BASE and reads the size and time of every version's files: raise
+``poll_seconds`` to make fewer requests.
 
 gRPC: ``tensorflow.serving.PredictionService/Predict`` and ``GetModelMetadata`` (``signature_def``),
 ``tensorflow.serving.ModelService/GetModelStatus``. REST: ``POST /v1/models/NAME[/versions/V]:predict`` (row
@@ -29,6 +32,7 @@ served at once (more get 503 at once).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -43,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Dict, Optional
 
 import numpy as np
+
+from shaspec_tf import fileio
 
 log = logging.getLogger("shaspec.serving")
 
@@ -126,6 +132,26 @@ def exposure_warning(host: str, grpc_port: Optional[int], rest_port: Optional[in
             f"--host at 127.0.0.1 to keep it local")
 
 
+@contextlib.contextmanager
+def _local_folder(path: str):
+    """``path`` itself when it is local; for a URI (``gs://...``), a temporary local copy of the version folder
+    (``fileio.upload_tree`` reads a bucket in bounded pieces), removed afterwards. TensorFlow could read ``gs://``
+    itself, but the checkpoint reader of ``tf.saved_model.load`` makes the large reads that crashed tensorflow-io's
+    ``gs://`` filesystem; the loaded model holds its variables in memory, so the copy is not needed once loaded."""
+    if not fileio.is_uri(path):
+        yield path
+        return
+    import shutil
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="shaspec-serve-")
+    try:
+        fileio.upload_tree(path, local)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 class ServedVersion:
     """One loaded SavedModel version: its callable signatures and their ``SignatureDef`` protos."""
 
@@ -136,21 +162,22 @@ class ServedVersion:
 
         self.name, self.version, self.path = name, version, path
         self.fingerprint = _fingerprint(path) if fingerprint is None else fingerprint
-        proto = saved_model_pb2.SavedModel()
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            data = f.read()
-        try:
-            proto.ParseFromString(data)
-        except (DecodeError, RuntimeError, ValueError) as error:  # RuntimeError: too deeply nested
-            raise ValueError(f"saved_model.pb ({len(data)} bytes) is not a SavedModel protobuf: "
-                             f"{_describe(error)}") from None
-        if not proto.meta_graphs:
-            raise ValueError(f"saved_model.pb ({len(data)} bytes) holds no MetaGraph: not a SavedModel")
-        self.signature_defs = {k: v for k, v in proto.meta_graphs[0].signature_def.items() if not k.startswith("__")}
-        try:
-            self.loaded = tf.saved_model.load(path)
-        except Exception as error:
-            raise ValueError(f"tf.saved_model.load failed: {_describe(error)}") from None
+        with _local_folder(path) as local:
+            proto = saved_model_pb2.SavedModel()
+            data = fileio.read_bytes(fileio.join(local, "saved_model.pb"))
+            try:
+                proto.ParseFromString(data)
+            except (DecodeError, RuntimeError, ValueError) as error:  # RuntimeError: too deeply nested
+                raise ValueError(f"saved_model.pb ({len(data)} bytes) is not a SavedModel protobuf: "
+                                 f"{_describe(error)}") from None
+            if not proto.meta_graphs:
+                raise ValueError(f"saved_model.pb ({len(data)} bytes) holds no MetaGraph: not a SavedModel")
+            self.signature_defs = {k: v for k, v in proto.meta_graphs[0].signature_def.items()
+                                   if not k.startswith("__")}
+            try:
+                self.loaded = tf.saved_model.load(local)  # variables and tables are in memory once it returns
+            except Exception as error:
+                raise ValueError(f"tf.saved_model.load failed: {_describe(error)}") from None
         self.signatures = {k: self.loaded.signatures[k] for k in self.signature_defs if k in self.loaded.signatures}
 
     def signature(self, signature_name: str):
@@ -219,18 +246,19 @@ def _check_shape(key: str, spec, shape) -> None:
 
 
 def _fingerprint(path: str) -> tuple:
-    """``((relative path, size, mtime_ns), ...)`` of every file under ``path``: any change to the folder changes it."""
+    """``((relative path, size, mtime_ns), ...)`` of every file under ``path`` (a local folder or a URI): any change
+    to the folder changes it."""
     entries = []
-    for root, dirs, files in os.walk(path, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
+    prefix = len(str(path).rstrip("/").rstrip(os.sep)) + 1
+    for root, dirs, files in fileio.walk(path):
+        for name in files:
+            full = fileio.join(root, name)
             try:
-                info = os.stat(full)
-            except OSError:  # vanished meanwhile, or a dangling link: the next scan sees the change
+                size, mtime_ns = fileio.stat(full)
+            except Exception:  # noqa: BLE001  vanished meanwhile, a dangling link: the next scan sees the change
                 continue
-            entries.append((os.path.relpath(full, path), info.st_size, info.st_mtime_ns))
-            if len(entries) >= _FINGERPRINT_MAX_FILES:  # a link loop or a misplaced dataset: enough to tell changes
+            entries.append((full[prefix:].replace(os.sep, "/"), size, mtime_ns))
+            if len(entries) >= _FINGERPRINT_MAX_FILES:  # a misplaced dataset: enough to tell changes
                 return tuple(entries)
     return tuple(entries)
 
@@ -248,8 +276,9 @@ class ModelRegistry:
     """The models under ``base``: ``{name: {version: ServedVersion}}``, refreshed by :meth:`refresh`."""
 
     def __init__(self, base: str):
-        if not os.path.isdir(base):
-            raise FileNotFoundError(f"model base {base} is not a folder")
+        if not fileio.isdir(base):
+            raise FileNotFoundError(f"model base {base} is not a folder" + (
+                " (no objects under it)" if fileio.is_uri(base) else ""))
         self.base = base
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
@@ -258,20 +287,22 @@ class ModelRegistry:
 
     def _scan(self) -> dict:
         found = {}
-        for name in sorted(os.listdir(self.base)):
-            folder = os.path.join(self.base, name)
-            if name.startswith(".") or not os.path.isdir(folder):
+        for name in fileio.listdir(self.base):
+            folder = fileio.join(self.base, name)
+            if name.startswith("."):
                 continue
             try:
-                entries = sorted(os.listdir(folder))
-            except OSError as error:  # unreadable, or removed meanwhile: skip it, serve the others
+                if not fileio.isdir(folder):
+                    continue
+                entries = fileio.listdir(folder)
+            except Exception as error:  # noqa: BLE001  unreadable, or removed meanwhile: skip it, serve the others
                 log.debug("cannot list %s: %s", folder, _describe(error))
                 continue
             versions = {}
             for entry in entries:  # ASCII digits only (str.isdigit accepts "\u00b2"); of "01" and "1" the first wins
                 if entry.isascii() and entry.isdigit() and int(entry) not in versions \
-                        and os.path.isfile(os.path.join(folder, entry, "saved_model.pb")):
-                    versions[int(entry)] = os.path.join(folder, entry)
+                        and fileio.isfile(fileio.join(folder, entry, "saved_model.pb")):
+                    versions[int(entry)] = fileio.join(folder, entry)
             found[name] = versions
         return found
 
@@ -957,7 +988,7 @@ def serve(model_base: str, grpc_port: Optional[int] = 8500, rest_port: Optional[
     server = LocalServer(model_base, grpc_port, rest_port, host, poll_seconds, max_request_bytes=max_request_bytes,
                          read_timeout_s=read_timeout_s).start()
     models = server.registry.names()
-    print(f"serving {', '.join(models) if models else 'no models yet'} from {os.path.abspath(model_base)}: "
+    print(f"serving {', '.join(models) if models else 'no models yet'} from {fileio.absolute(model_base)}: "
           f"gRPC {host}:{server.grpc_port}, REST http://{host}:{server.rest_port} "
           f"(re-scanning every {poll_seconds:g} s; requests up to {server.max_request_bytes} bytes, REST read "
           f"timeout {server.read_timeout_s:g} s; Ctrl-C stops)", flush=True)

@@ -14,8 +14,9 @@
                   [--max-request-bytes 1GiB] [--read-timeout 30]   local TF-Serving-compatible server (loopback)
     shaspec --version | --verbose COMMAND ...    the package version | TensorFlow's, absl's and Beam's logs too
 
-Bad input is one line on stderr and exit status 2 (``SHASPEC_TRACEBACK=1`` shows the traceback as well); outputs
-that are not provably ours are refused (see the README's "Safety and limits").
+The files and folders of ``evaluate``, ``predict``, ``export`` and ``serve`` may be ``gs://`` URIs as well as local
+paths (:mod:`shaspec_tf.fileio`). Bad input is one line on stderr and exit status 2 (``SHASPEC_TRACEBACK=1`` shows the
+traceback as well); outputs that are not provably ours are refused (see the README's "Safety and limits").
 
 This module is the library's command line: every command above but ``serve``, which belongs to the serving app.
 The installed ``shaspec`` program is composed outside the library (``serving/cli.py``): it passes its own
@@ -173,9 +174,10 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="score trained models on every modality subset (metrics.json, CSV, "
                                          "Markdown, heat-map; several --model side by side)")
-    ev.add_argument("--model", action="append", required=True, help="a 'shaspec train' output folder (repeatable)")
+    ev.add_argument("--model", action="append", required=True,
+                    help="a 'shaspec train' output folder or a .keras file (repeatable; paths may be gs:// URIs)")
     ev.add_argument("--data", required=True, help="a 'shaspec prepare' output folder")
-    ev.add_argument("--out", required=True)
+    ev.add_argument("--out", required=True, help="the report folder (replaced only when it is an earlier report)")
     ev.add_argument("--split", help="default: the task's evaluation split (" + ", ".join(
         f"{t.eval_split} for {t.name}" for t in all_tasks()) + ")")
     inference_options(ev)
@@ -184,13 +186,13 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="segment one case from any non-empty subset of its sequences, with a local "
                                         "model (--model) or a TF Serving server (--server)")
     source = pr.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a 'shaspec train' output folder")
+    source.add_argument("--model", help="a 'shaspec train' output folder or a .keras file")
     source.add_argument("--server", help="HOST:PORT of TF Serving or 'shaspec serve' (gRPC 8500, REST 8501)")
     pr.add_argument("--model-name", help="with --server: the served model's name")
     pr.add_argument("--model-version", type=int, help="with --server: a version (default: the latest)")
     pr.add_argument("--protocol", default="grpc", choices=("grpc", "rest"), help="with --server")
     for modality in ("flair", "t1", "t1ce", "t2"):
-        pr.add_argument(f"--{modality}", help=f"{modality.upper()} NIfTI file")
+        pr.add_argument(f"--{modality}", help=f"{modality.upper()} NIfTI file (a path or a gs:// URI)")
     pr.add_argument("--out", required=True, help="output NIfTI (BraTS labels 0, 1, 2, 4; the input's affine); an "
                                                  "existing file is replaced only when it is a label map of ours")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing --out file whoever wrote it "
@@ -200,8 +202,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a trained model -> TF Serving SavedModel BASE/NAME/VERSION (signatures "
                                        "serving_default, and segment_volume for segmenters)")
-    ex.add_argument("--model", required=True, help="a 'shaspec train' output folder")
-    ex.add_argument("--out", required=True, help="the model base folder (TF Serving's --model_base_path parent)")
+    ex.add_argument("--model", required=True, help="a 'shaspec train' output folder or a .keras file")
+    ex.add_argument("--out", required=True, help="the model base folder (TF Serving's --model_base_path parent; "
+                                                 "a path or a gs:// URI)")
     ex.add_argument("--name", required=True, help="the model name (a folder under --out)")
     ex.add_argument("--version", type=int, help="default: one more than the highest existing version")
     ex.add_argument("--overlap", type=float, default=1 / 3, help="segment_volume's sliding-window overlap")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-from shaspec_tf import logs
+from shaspec_tf import fileio, logs
 
 DEMO_KIND = "demo-run"  # the fileio marker kind of a 'shaspec demo' output folder
 
@@ -65,16 +64,16 @@ def demo(args) -> int:
 
     staging = fileio.staging_dir(args.out)  # built aside, then moved onto --out as one marked folder
     try:
-        model.save_weights(os.path.join(staging, "model.weights.h5"))
-        with open(os.path.join(staging, "model_config.json"), "w") as f:
-            f.write(model.config_json())
-        with open(os.path.join(staging, "demo.json"), "w") as f:
-            json.dump({"losses": losses, "seconds": seconds, "dice": table}, f, indent=2)
+        with fileio.atomic_path(fileio.join(staging, "model.weights.h5"), ".weights.h5") as tmp:
+            model.save_weights(tmp)
+        fileio.atomic_write(fileio.join(staging, "model_config.json"), model.config_json())
+        fileio.atomic_write_json(fileio.join(staging, "demo.json"), {"losses": losses, "seconds": seconds,
+                                                                      "dice": table})
         fileio.replace_dir(staging, args.out, DEMO_KIND)
     except BaseException:
         fileio.remove_tree(staging)
         raise
-    print(f"weights, config and figures written to {os.path.abspath(args.out)}")
+    print(f"weights, config and figures written to {fileio.absolute(args.out)}")
     return 0
 
 
@@ -123,7 +122,7 @@ def prepare_phantom(args, extra) -> int:
     except ValueError:
         raise ValueError(f"--shape must be three integers D,H,W, got {args.shape!r}") from None
     write_phantom_dataset(args.out, args.cases, shape=shape, seed=args.seed, drop_rate=args.drop_rate)
-    print(f"wrote {args.cases} phantom cases to {os.path.abspath(args.out)} (details: phantoms.json)")
+    print(f"wrote {args.cases} phantom cases to {fileio.absolute(args.out)} (details: phantoms.json)")
     return 0
 
 
@@ -141,7 +140,7 @@ def prepare_brats(args, extra) -> int:
         raise
     splits = ", ".join(f"{name} {info['cases']}" for name, info in manifest["splits"].items())
     print(f"wrote {manifest['written']} of {manifest['discovered']} cases ({splits}) to "
-          f"{os.path.abspath(args.output)} in {manifest['seconds']:.1f} s; rejected {len(manifest['rejected'])}"
+          f"{fileio.absolute(args.output)} in {manifest['seconds']:.1f} s; rejected {len(manifest['rejected'])}"
           + "".join(f"\n  rejected {r['case_id']}: {r['reason']}" for r in manifest["rejected"]))
     return 0
 
@@ -155,7 +154,7 @@ def prepare_avmnist(args, extra) -> int:
                              test_indices=parse_indices(args.test_indices), all_test=args.all_test,
                              audio_rate=args.audio_rate, seed=args.seed, shards=args.shards)
     counts = ", ".join(f"{k} {v['count']} ({v['audio_count']} with audio)" for k, v in manifest["splits"].items())
-    print(f"wrote {os.path.abspath(args.out)}: {counts}")
+    print(f"wrote {fileio.absolute(args.out)}: {counts}")
     return 0
 
 
@@ -193,10 +192,10 @@ def train(args, extra) -> int:
     last = {k: v[-1] for k, v in result["history"].items() if v}
     losses = ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items()))
     if result.get("complete"):
-        print(f"already trained to step {result['steps']}: {losses}; outputs in {os.path.abspath(args.out)}")
+        print(f"already trained to step {result['steps']}: {losses}; outputs in {fileio.absolute(args.out)}")
         return 0
     print(f"trained to step {result['steps']} (resumed from {result['resumed_from_step']}): "
-          + losses + f"; outputs in {os.path.abspath(args.out)}")
+          + losses + f"; outputs in {fileio.absolute(args.out)}")
     return 0
 
 
@@ -205,7 +204,7 @@ def evaluate(args, extra) -> int:
     from shaspec_tf.trained import evaluate_trained
 
     roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
-    names = [os.path.basename(os.path.abspath(model_dir)) for model_dir in args.model]
+    names = [fileio.basename(fileio.absolute(model_dir)) for model_dir in args.model]
     if len(set(names)) < len(names):
         raise ValueError(f"--model folders must have different names (each gets a report subfolder), got "
                          f"{', '.join(names)}")
@@ -219,13 +218,13 @@ def evaluate(args, extra) -> int:
     from shaspec_tf.tasks import get_task
 
     for name in names:
-        out = args.out if len(names) == 1 else os.path.join(args.out, name)
+        out = args.out if len(names) == 1 else fileio.join(args.out, name)
         mean, scoring = results[name]["summary"]["mean"], get_task(results[name]["task"]).scoring
         print(f"{name}: mean over subsets " + ", ".join(
             f"{c} {scoring.value(mean, c, scoring.headline) * 100:.2f}" for c in results[name]["columns"])
-            + f"; reports in {os.path.abspath(out)}")
+            + f"; reports in {fileio.absolute(out)}")
     if len(names) > 1:
-        print(f"side-by-side comparison in {os.path.abspath(args.out)}/comparison.md")
+        print(f"side-by-side comparison in {fileio.join(fileio.absolute(args.out), 'comparison.md')}")
     return 0
 
 
@@ -250,7 +249,7 @@ def predict(args, extra) -> int:
         result = predict_nifti(args.model, paths, args.out, roi_size=roi, overlap=args.overlap, tta=args.tta,
                                postprocess=args.postprocess, overwrite=args.overwrite)
     print(f"segmented from {'+'.join(result['modalities'])}: label voxels {result['label_voxels']} -> "
-          f"{os.path.abspath(result['out'])}")
+          f"{fileio.absolute(result['out'])}")
     return 0
 
 
@@ -258,5 +257,5 @@ def export(args, extra) -> int:
     from shaspec_tf.export import export_trained
 
     path = export_trained(args.model, args.out, args.name, args.version, overlap=args.overlap)
-    print(f"exported {os.path.abspath(args.model)} -> {os.path.abspath(path)}")
+    print(f"exported {fileio.absolute(args.model)} -> {fileio.absolute(path)}")
     return 0

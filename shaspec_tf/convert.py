@@ -19,6 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
+from shaspec_tf import fileio
+
 ENCODER_PREFIXES = {"shared_enc": "shared_encoder", "flair_enc": "flair_encoder", "t1_enc": "t1_encoder",
                      "t1ce_enc": "t1ce_encoder", "t2_enc": "t2_encoder"}
 
@@ -87,6 +89,22 @@ def convert_tensor(key: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _torch_checkpoint(path: str, local: str, trust_pickle: bool):
+    """The object stored in the PyTorch checkpoint ``path`` (read from its local copy ``local``)."""
+    try:
+        import torch  # optional: only to read PyTorch checkpoints
+    except ImportError as error:
+        raise ImportError(f"reading {path} needs torch; save it as .npz with numpy instead") from error
+    try:
+        return torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickled nn.Module is refused by the safe loader
+        if not trust_pickle:
+            raise ValueError(f"{path} is not a plain state dict (official training snapshots pickle the whole "
+                             f"model): pass trust_pickle=True for a file you trust, with the official code "
+                             f"importable, or save checkpoint['model'].state_dict() instead") from error
+        return torch.load(local, map_location="cpu", weights_only=False)
+
+
 def read_state_dict(source, trust_pickle: bool = False) -> Mapping[str, np.ndarray]:
     """A state dict from a mapping, a ``.npz`` file, or a ``.pth``/``.pt`` file (needs torch).
 
@@ -97,23 +115,13 @@ def read_state_dict(source, trust_pickle: bool = False) -> Mapping[str, np.ndarr
     if isinstance(source, Mapping):
         return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in source.items()}
     path = os.fspath(source)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    if path.endswith(".npz"):
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    try:
-        import torch  # optional: only to read PyTorch checkpoints
-    except ImportError as error:
-        raise ImportError(f"reading {path} needs torch; save it as .npz with numpy instead") from error
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickled nn.Module is refused by the safe loader
-        if not trust_pickle:
-            raise ValueError(f"{path} is not a plain state dict (official training snapshots pickle the whole "
-                             f"model): pass trust_pickle=True for a file you trust, with the official code "
-                             f"importable, or save checkpoint['model'].state_dict() instead") from error
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    with fileio.local_copy(path) as local:  # a URI (gs://...) is downloaded first
+        if path.endswith(".npz"):  # its keys are kept verbatim
+            with np.load(local) as data:
+                return {k: data[k] for k in data.files}
+        state = _torch_checkpoint(path, local, trust_pickle)
     if isinstance(state, Mapping) and "model" in state:
         state = state["model"]  # official snapshot: {'model': module or state dict, 'optimizer': ..., 'iter': ...}
     if hasattr(state, "state_dict"):

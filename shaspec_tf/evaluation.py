@@ -16,12 +16,13 @@ prediction vs empty reference = 1 (BraTS), HD95 per :data:`shaspec_tf.metrics.HD
 Classification (AV-MNIST): each case holds ``"label"`` (one label or an array of labels: a case may be a batch) and
 ``predict_fn`` returns class indices (or scores with a trailing class axis). A subset's accuracy pools all samples.
 
-The reports are written with Matplotlib's non-interactive Agg canvas (no pyplot, no global backend change).
+The reports are written with Matplotlib's non-interactive Agg canvas (no pyplot, no global backend change), each
+file atomically through :mod:`shaspec_tf.fileio`, so a report folder may be a ``gs://`` URI as well as a local path.
 """
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from shaspec_tf import fileio
 from shaspec_tf.data.masks import resolve_subsets
 from shaspec_tf.taskspec.registry import all_tasks, get_task
 from shaspec_tf.scoring import ACCURACY_POLICY, MEAN_KEY, MEAN_POLICY, csv_cell, fmt  # noqa: F401 (re-export)
@@ -159,19 +161,27 @@ def _nan_from_none(value):
 
 def load_results(path: str) -> dict:
     """Read back the results that :func:`write_reports` saved (``metrics_per_case.json``, or its folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics_per_case.json")
-    with open(path) as f:
-        results = json.load(f)
+    if fileio.isdir(path):
+        path = fileio.join(path, "metrics_per_case.json")
+    results = fileio.read_json(path)
     results["summary"] = _nan_from_none(results["summary"])
     results["per_case"] = _nan_from_none(results["per_case"])
     return results
 
 
 def _write_json(path: str, value) -> None:
-    with open(path, "w") as f:
-        json.dump(_jsonable(value), f, indent=2, allow_nan=False)
-        f.write("\n")
+    fileio.atomic_write_json(path, _jsonable(value), allow_nan=False)
+
+
+def _write_csv(path: str, rows) -> None:
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    fileio.atomic_write(path, buffer.getvalue().encode("utf-8"))
+
+
+def _save_figure(fig, path: str) -> None:
+    with fileio.atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,7 +302,7 @@ def _save_heatmap(results, path: str, title: str) -> None:
     ax = fig.add_subplot(1, 1, 1)
     _heatmap_panel(fig, ax, matrix, rows, cols, title, "viridis", 0.0, 100.0, "{:.1f}", label)
     ax.set_ylabel("Available modalities")
-    fig.savefig(path, format="png")
+    _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,31 +323,26 @@ def write_reports(results, out_dir: str, title: str = "Missing-modality evaluati
     ``models``: other models' results (name -> results); when given, :func:`compare_models` also writes
     ``comparison.{md,csv,png}`` here, with these results called ``name``.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {key: os.path.join(out_dir, file) for key, file in
+    fileio.makedirs(out_dir)
+    paths = {key: fileio.join(out_dir, file) for key, file in
              (("json", "metrics.json"), ("per_case_json", "metrics_per_case.json"), ("csv", "metrics.csv"),
               ("per_case_csv", "metrics_per_case.csv"), ("markdown", "metrics.md"), ("heatmap", "heatmap.png"))}
     _write_json(paths["json"], {key: results["summary"][key] for key in _row_keys(results)})
     _write_json(paths["per_case_json"], {**results, "title": title})
 
     columns = _csv_columns(results)
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["subset", *results["modalities"], *[c[0] for c in columns]])
-        for key in _row_keys(results):
-            present = key.split("+")
-            flags = [""] * len(results["modalities"]) if key == MEAN_KEY else \
-                [int(m in present) for m in results["modalities"]]
-            writer.writerow([key, *flags, *[csv_cell(_value(results, key, c, m)) for _, c, m in columns]])
+    rows = [["subset", *results["modalities"], *[c[0] for c in columns]]]
+    for key in _row_keys(results):
+        present = key.split("+")
+        flags = [""] * len(results["modalities"]) if key == MEAN_KEY else \
+            [int(m in present) for m in results["modalities"]]
+        rows.append([key, *flags, *[csv_cell(_value(results, key, c, m)) for _, c, m in columns]])
+    _write_csv(paths["csv"], rows)
 
-    with open(paths["per_case_csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        header, rows = _scoring(results).per_case_rows(results)
-        writer.writerow(header)
-        writer.writerows(rows)
+    header, rows = _scoring(results).per_case_rows(results)
+    _write_csv(paths["per_case_csv"], [header, *rows])
 
-    with open(paths["markdown"], "w") as f:
-        f.write(markdown_report(results, title))
+    fileio.atomic_write(paths["markdown"], markdown_report(results, title).encode("utf-8"))
     _save_heatmap(results, paths["heatmap"], title)
     if models:
         paths.update({f"comparison_{k}": v for k, v in
@@ -373,9 +378,9 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
     first = _check_comparable(models)
     names = list(models)
     ordered = {n: {**r, "subsets": list(first["subsets"])} for n, r in models.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"markdown": os.path.join(out_dir, "comparison.md"), "csv": os.path.join(out_dir, "comparison.csv"),
-             "heatmap": os.path.join(out_dir, "comparison.png")}
+    fileio.makedirs(out_dir)
+    paths = {"markdown": fileio.join(out_dir, "comparison.md"), "csv": fileio.join(out_dir, "comparison.csv"),
+             "heatmap": fileio.join(out_dir, "comparison.png")}
     scoring = _scoring(first)
     keys = _row_keys(ordered[names[0]])
 
@@ -403,15 +408,11 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
                              for c in first["columns"]) for n in names) + scoring.averages_note]
     lines += _footer(first, daggers=False)[1:]
     lines.append(f"*Bold: the best value of the row for that {scoring.column_noun} (none on ties).*")
-    with open(paths["markdown"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    fileio.atomic_write(paths["markdown"], ("\n".join(lines) + "\n").encode("utf-8"))
 
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        columns = _csv_columns(first)
-        writer.writerow(["subset"] + [f"{n}:{col}" for col, _, _ in columns for n in names])
-        for key in keys:
-            writer.writerow([key] + [csv_cell(_value(ordered[n], key, c, m)) for _, c, m in columns for n in names])
+    columns = _csv_columns(first)
+    _write_csv(paths["csv"], [["subset"] + [f"{n}:{col}" for col, _, _ in columns for n in names]] + [
+        [key] + [csv_cell(_value(ordered[n], key, c, m)) for _, c, m in columns for n in names] for key in keys])
 
     panels = [(n, *_score_matrix(ordered[n])) for n in names]
     count = len(panels) + (1 if len(names) == 2 else 0)
@@ -429,7 +430,7 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
         _heatmap_panel(fig, ax, diff, [""] * len(keys), panels[0][3], f"{names[0]} − {names[1]}", "RdBu", -limit,
                        limit, "{:+.1f}", "difference (points)")
     fig.suptitle(title, fontsize=11)
-    fig.savefig(paths["heatmap"], format="png")
+    _save_figure(fig, paths["heatmap"])
     return paths
 
 
@@ -437,9 +438,7 @@ def check_report_folder(out_dir: str) -> bool:
     """Whether :func:`write_report_folder` may write ``out_dir``: ``False`` when it is absent or empty, ``True`` when
     it is an earlier report folder of ours left as written; otherwise a one-line ``FileExistsError`` (a user's
     folder is never replaced). Call it before a long evaluation to fail early."""
-    from shaspec_tf.fileio import ensure_replaceable
-
-    return ensure_replaceable(out_dir, REPORT_KIND)
+    return fileio.ensure_replaceable(out_dir, REPORT_KIND)
 
 
 def write_report_folder(models: Mapping[str, dict], out_dir: str, titles: Mapping[str, str] | None = None,
@@ -456,8 +455,6 @@ def write_report_folder(models: Mapping[str, dict], out_dir: str, titles: Mappin
     one-line ``FileExistsError`` and nothing is touched. A failure leaves ``out_dir`` as it was. Returns
     ``{model name: paths}`` (plus ``"comparison"`` with several models), paths under ``out_dir``.
     """
-    from shaspec_tf import fileio
-
     if not models:
         raise ValueError("write_report_folder needs at least one model's results")
     names = list(models)
@@ -471,7 +468,7 @@ def write_report_folder(models: Mapping[str, dict], out_dir: str, titles: Mappin
     try:
         written = {}
         for name in names:
-            folder = staging if len(names) == 1 else os.path.join(staging, name)
+            folder = staging if len(names) == 1 else fileio.join(staging, name)
             written[name] = write_reports(models[name], folder, title=titles.get(name, name), name=name)
         if len(names) > 1:
             written["comparison"] = compare_models(models, staging, title=comparison_title)
@@ -479,6 +476,6 @@ def write_report_folder(models: Mapping[str, dict], out_dir: str, titles: Mappin
     except BaseException:
         fileio.remove_tree(staging)
         raise
-    staged = os.path.abspath(staging)
-    return {key: {k: os.path.join(str(out_dir), os.path.relpath(v, staged)) for k, v in paths.items()}
+    prefix = len(staging.rstrip("/")) + 1  # every path written lies under staging, spelt as joined onto it
+    return {key: {k: fileio.join(str(out_dir), v[prefix:]) for k, v in paths.items()}
             for key, paths in written.items()}

@@ -40,12 +40,12 @@ __all__ = ["export_model", "export_trained", "next_version", "list_versions", "r
 
 
 def list_versions(base: str, name: str) -> list:
-    """The integer version folders under ``base/name``, ascending (missing folder: ``[]``)."""
-    folder = os.path.join(base, name)
-    if not os.path.isdir(folder):
+    """The integer version folders under ``base/name``, ascending (missing folder: ``[]``); ``base`` may be a URI."""
+    folder = fileio.join(base, name)
+    if not fileio.isdir(folder):
         return []
-    return sorted(int(entry) for entry in os.listdir(folder)
-                  if entry.isdigit() and os.path.isdir(os.path.join(folder, entry)))
+    return sorted(int(entry) for entry in fileio.listdir(folder)
+                  if entry.isascii() and entry.isdigit() and fileio.isdir(fileio.join(folder, entry)))
 
 
 def next_version(base: str, name: str) -> int:
@@ -57,8 +57,8 @@ def next_version(base: str, name: str) -> int:
 def read_manifest(version_dir: str) -> dict:
     """The export manifest written beside a SavedModel by :func:`export_model`; a missing file is a
     ``FileNotFoundError``, a garbage one a one-line ``ValueError``, each naming the file."""
-    path = os.path.join(version_dir, MANIFEST_PATH)
-    if not os.path.isfile(path):
+    path = fileio.join(version_dir, *MANIFEST_PATH.split(os.sep))
+    if not fileio.isfile(path):
         raise FileNotFoundError(f"{path} not found: {version_dir} is not a version folder written by 'shaspec export'")
     manifest = fileio.read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("task"), str):
@@ -215,58 +215,99 @@ def segmentation_functions(model, overlap: float, sigma_scale: float, precedence
     return {"serving_default": serving_default, "segment_volume": segment_volume}
 
 
+def _write_version(model, functions: dict, folder: str, name: str, version: int, overlap, sigma_scale,
+                   source) -> None:
+    """The SavedModel of ``functions`` and its manifest, written into the local ``folder`` (absent or empty)."""
+    import keras
+
+    from shaspec_tf.taskspec.registry import task_for_model
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for signature, fn in functions.items():
+        archive.add_endpoint(signature, fn)
+    archive.write_out(folder, verbose=False)
+    config = model.shaspec_config
+    manifest = {
+        "format": "shaspec-tf export 1",
+        "model_name": name,
+        "version": version,
+        "task": config["task"],
+        "preset": config.get("preset"),
+        "modalities": list(config["modalities"]),
+        "signatures": sorted(functions),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "shaspec_config": config,
+    }
+    manifest.update(task_for_model(config).export_manifest(config, overlap=overlap, sigma_scale=sigma_scale))
+    os.makedirs(os.path.join(folder, "assets.extra"), exist_ok=True)
+    with open(os.path.join(folder, MANIFEST_PATH), "w") as f:
+        json.dump(manifest, f, indent=2, default=list)
+
+
+def _upload_version(local: str, target: str) -> None:
+    """Copy the local SavedModel folder ``local`` to ``target`` on an object store, ``saved_model.pb`` last: a server
+    loads a version once that file is there, so it never loads a half-copied one. A failed copy removes what it
+    copied."""
+    graph = os.path.join(local, "saved_model.pb")
+    held = local.rstrip(os.sep) + "-saved_model.pb"
+    os.replace(graph, held)
+    if fileio.exists(target):  # an object store has no atomic rename: the last check before copying
+        raise FileExistsError(f"{target} appeared while exporting: versions are never overwritten; pick another "
+                              f"--version")
+    try:
+        fileio.upload_tree(local, target)
+        fileio.copy(held, fileio.join(target, "saved_model.pb"))
+    except BaseException:
+        fileio.remove_tree(target)
+        raise
+
+
 def export_model(model, base: str, name: str, version: Optional[int] = None, *, overlap: Optional[float] = None,
                  sigma_scale: Optional[float] = None, source: Optional[str] = None) -> str:
     """Write ``model`` as the SavedModel ``base/name/version/`` (version: next free integer by default) and return
-    that folder.
+    that folder. ``base`` may be a URI (``gs://bucket/models``).
 
     The SavedModel is written to a hidden staging folder beside the version folder (``.V.partial-HOST-PID-RANDOM``:
     not an integer, so TF Serving ignores it, and hidden, so ``shaspec serve`` does too) and renamed into place, so a
     half-written export never appears as a version. A failed export removes its staging folder; the ones of killed
     exports are removed by the next export into the same model folder. An existing version is never overwritten.
+
+    On an object store (no atomic rename) the SavedModel is built in a local temporary folder and uploaded into the
+    version folder with ``saved_model.pb`` last, so that a server (TF Serving, ``shaspec serve``) sees a loadable
+    version only once it is complete; a failed upload removes what it uploaded. Two exports racing for the same
+    version of the same bucket are not detected.
     """
-    import keras
-
-    from shaspec_tf.taskspec.registry import task_for_model
-
-    if not name or os.sep in name or name in (".", "..") or name.startswith("."):
+    if not name or os.sep in name or "/" in name or name in (".", "..") or name.startswith("."):
         raise ValueError(f"model name must be a plain folder name, got {name!r}")
     if version is None:
         version = next_version(base, name)
     if isinstance(version, bool) or int(version) != version or int(version) < 0:
         raise ValueError(f"version must be a non-negative integer, got {version!r}")
     version = int(version)
-    model_dir = os.path.join(base, name)
-    target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
+    model_dir = fileio.join(base, name)
+    target = fileio.join(model_dir, str(version))
+    if fileio.exists(target):
         raise FileExistsError(f"{target} already exists: versions are never overwritten; pick another --version")
     functions = make_serving_functions(model, overlap=overlap, sigma_scale=sigma_scale)
+    if fileio.is_uri(target):
+        import shutil
+        import tempfile
+
+        tmp = tempfile.mkdtemp(prefix="shaspec-export-")
+        local = os.path.join(tmp, "version")
+        try:
+            _write_version(model, functions, local, name, version, overlap, sigma_scale, source)
+            _upload_version(local, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
     os.makedirs(model_dir, exist_ok=True)
     clean_stale_exports(model_dir)
     tmp = fileio.staging_dir(target)
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        for signature, fn in functions.items():
-            archive.add_endpoint(signature, fn)
-        archive.write_out(tmp, verbose=False)
-        config = model.shaspec_config
-        manifest = {
-            "format": "shaspec-tf export 1",
-            "model_name": name,
-            "version": version,
-            "task": config["task"],
-            "preset": config.get("preset"),
-            "modalities": list(config["modalities"]),
-            "signatures": sorted(functions),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source,
-            "shaspec_config": config,
-        }
-        manifest.update(task_for_model(config).export_manifest(config, overlap=overlap, sigma_scale=sigma_scale))
-        os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-        with open(os.path.join(tmp, MANIFEST_PATH), "w") as f:
-            json.dump(manifest, f, indent=2, default=list)
+        _write_version(model, functions, tmp, name, version, overlap, sigma_scale, source)
         if os.path.lexists(target):  # rename would replace an empty folder: never touch a version
             raise FileExistsError(f"{target} appeared while exporting: versions are never overwritten; pick "
                                   f"another --version")
@@ -282,4 +323,4 @@ def export_trained(model_dir: str, base: str, name: str, version: Optional[int] 
     from shaspec_tf.trained import load_trained
 
     return export_model(load_trained(model_dir), base, name, version,
-                        source=os.path.abspath(model_dir), **kwargs)
+                        source=fileio.absolute(model_dir), **kwargs)

@@ -163,6 +163,34 @@ def stat(path: str) -> tuple:
     return info.st_size, info.st_mtime_ns
 
 
+# tensorflow-io's gs:// reader (google-cloud-cpp 1.21) has crashed the process (SIGSEGV, corrupted heap) on reads of
+# many megabytes at once or reaching past an object's end, as tf.io.gfile.copy and GFile.read() make them: URIs are
+# read here in pieces of at most this many bytes, never past the end.
+READ_CHUNK = 1 << 20
+
+
+def _read_uri(path: str, writer=None) -> bytes:
+    """The bytes of the object ``path``, read in bounded pieces; given ``writer``, streamed into it instead."""
+    left = size(path)
+    parts = []
+    with _gfile().GFile(path, "rb") as reader:
+        while left > 0:
+            data = reader.read(min(READ_CHUNK, left))
+            if not data:
+                raise OSError(f"{path} ended {left} bytes early while it was read")
+            if writer is None:
+                parts.append(data)
+            else:
+                writer.write(data)
+            left -= len(data)
+    return b"".join(parts)
+
+
+def _download(src: str, local: str) -> None:
+    with open(local, "wb") as writer:
+        _read_uri(src, writer)
+
+
 def open_file(path: str, mode: str = "rb"):
     """A file object for ``path`` (``open`` for local files, ``tf.io.gfile.GFile`` for URIs). Prefer
     :func:`atomic_write` / :func:`atomic_path` for writing outputs."""
@@ -172,8 +200,15 @@ def open_file(path: str, mode: str = "rb"):
 
 
 def read_bytes(path: str) -> bytes:
-    with open_file(path, "rb") as f:
+    if is_uri(path):
+        return _read_uri(path)
+    with open(path, "rb") as f:
         return f.read()
+
+
+def lexists(path: str) -> bool:
+    """Whether anything stands at ``path``: a dangling symbolic link too, an object or a "folder" on a bucket."""
+    return exists(path) if is_uri(path) else os.path.lexists(path)
 
 
 def read_text(path: str) -> str:
@@ -188,9 +223,9 @@ def copy(src: str, dst: str, overwrite: bool = False) -> None:
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
         return
-    with atomic_path(dst) as tmp:
-        if is_uri(tmp) or is_uri(src):
-            _gfile().copy(src, tmp, overwrite=True)
+    with atomic_path(dst) as tmp:  # tmp is always local (atomic_path stages a URI target locally)
+        if is_uri(src):
+            _download(src, tmp)
         else:
             shutil.copyfile(src, tmp)
 
@@ -207,7 +242,7 @@ def local_copy(path: str, suffix: str = "") -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(suffix=suffix or "-" + basename(path))
     os.close(fd)
     try:
-        _gfile().copy(path, tmp, overwrite=True)
+        _download(path, tmp)
         yield tmp
     finally:
         with contextlib.suppress(OSError):
@@ -233,20 +268,26 @@ def local_dir(target: str) -> Iterator[str]:
 
 
 def upload_tree(src: str, dst: str) -> None:
-    """Copy every file under the folder ``src`` to the same relative path under ``dst`` (any file systems); the
-    marker, when there is one, is copied last, so a folder cut short never looks whole."""
+    """Copy every file under the folder ``src`` to the same relative path under ``dst``, between any two file systems
+    (a bucket is read in bounded pieces, :data:`READ_CHUNK`); the marker, when there is one, is copied last, so a
+    folder cut short never looks whole."""
+    if not isdir(src):
+        raise FileNotFoundError(f"{src} is not a folder; nothing to copy")
     files = []
     for root, _, names in walk(src):
         for name in names:
             path = join(root, name)
             files.append(path[len(str(src).rstrip("/")) + 1:].replace(os.sep, "/"))
     files.sort(key=lambda rel: rel == MARKER)
-    gfile = _gfile() if is_uri(src) or is_uri(dst) else None
     for rel in files:
         source, target = join(src, *rel.split("/")), join(dst, *rel.split("/"))
         makedirs(dirname(target))
-        if gfile is not None:
-            gfile.copy(source, target, overwrite=True)
+        if is_uri(source) and is_uri(target):
+            _gfile().copy(source, target, overwrite=True)  # server-side copy: nothing is read here
+        elif is_uri(source):
+            _download(source, target)
+        elif is_uri(target):
+            _gfile().copy(source, target, overwrite=True)  # an upload: local reads, no gs:// reader
         else:
             shutil.copyfile(source, target)
 

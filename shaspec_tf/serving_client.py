@@ -222,13 +222,17 @@ def predict_nifti_remote(server: str, model_name: str, paths: Dict[str, Optional
                          timeout: float = 600.0, overwrite: bool = False) -> dict:
     """``shaspec predict --server``: read and preprocess the given sequences as
     :func:`shaspec_tf.segment_nifti.predict_nifti` does, segment the brain crop on the server (``segment_volume``),
-    and write BraTS labels as NIfTI with the input's affine (atomically). An ``out_path`` that is one of the inputs
-    or a folder is refused before any work."""
-    from shaspec_tf.segment_nifti import check_nifti_output, nifti_inputs, read_nifti_case, write_nifti_labels
+    and write BraTS labels as NIfTI with the input's affine (atomically); inputs and ``out_path`` may be URIs. An
+    ``out_path`` that is one of the inputs or a folder is refused before any work."""
+    from shaspec_tf.segment_nifti import (check_nifti_output, local_inputs, nifti_inputs, read_nifti_case,
+                                          write_nifti_labels)
 
     given = nifti_inputs(paths)
     check_nifti_output(given, out_path, overwrite)  # before any reading or request
-    record = read_nifti_case(given, out_path)
-    with make_client(server, protocol, timeout) as client:
-        labels = segment_volume(client, model_name, record.image, record.modality_mask.astype(np.float32), version)
-    return write_nifti_labels(labels, record, given, out_path, postprocess, overwrite)
+    with local_inputs(given) as local:  # URIs (gs://...) downloaded once
+        record = read_nifti_case(local, out_path)
+        with make_client(server, protocol, timeout) as client:
+            labels = segment_volume(client, model_name, record.image, record.modality_mask.astype(np.float32),
+                                    version)
+        return write_nifti_labels(labels, record, given, out_path, postprocess, overwrite,
+                                  reference=next(iter(local.values())))

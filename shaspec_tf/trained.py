@@ -2,8 +2,9 @@
 data set (``shaspec evaluate``, the TFX evaluator)."""
 from __future__ import annotations
 
-import os
 from typing import Optional
+
+from shaspec_tf import fileio
 
 
 def _first_line(error: BaseException) -> str:
@@ -12,20 +13,25 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_trained(model_dir: str):
-    """The model saved by ``shaspec train`` in ``model_dir`` (``model_config.json`` + ``model.weights.h5``).
+    """The model saved by ``shaspec train`` in ``model_dir`` (``model_config.json`` + ``model.weights.h5``), or in
+    the ``.keras`` file ``model_dir`` (:func:`shaspec_tf.models.saving.save_model`); either may be a URI
+    (``gs://...``).
 
     A missing, unreadable or garbage file is a one-line error naming it (``FileNotFoundError`` or ``ValueError``)."""
-    from shaspec_tf.fileio import read_json
     from shaspec_tf.models import build_model
 
-    config_path = os.path.join(model_dir, "model_config.json")
-    weights_path = os.path.join(model_dir, "model.weights.h5")
+    if str(model_dir).endswith(".keras"):
+        from shaspec_tf.models.saving import load_model
+
+        return load_model(model_dir, compile=False)
+    config_path = fileio.join(model_dir, "model_config.json")
+    weights_path = fileio.join(model_dir, "model.weights.h5")
     for path in (config_path, weights_path):
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             raise FileNotFoundError(f"{path} not found: --model must be a folder written by 'shaspec train'")
-        if not os.path.isfile(path):
+        if not fileio.isfile(path):
             raise ValueError(f"{path} is not a file: --model must be a folder written by 'shaspec train'")
-    config = read_json(config_path)
+    config = fileio.read_json(config_path)
     if not isinstance(config, dict) or not isinstance(config.get("preset"), str):
         raise ValueError(f"{config_path} is not a shaspec model configuration (a JSON object with a 'preset'; "
                          f"got {type(config).__name__})")
@@ -37,7 +43,8 @@ def load_trained(model_dir: str):
             _first_line(error)
         raise ValueError(f"{config_path} is not a valid shaspec model configuration: {detail}") from error
     try:
-        model.load_weights(weights_path)
+        with fileio.local_copy(weights_path, suffix=".weights.h5") as local:  # Keras reads local files only
+            model.load_weights(local)
     except Exception as error:  # noqa: BLE001  Keras and h5py raise assorted types for a bad or mismatched file
         raise ValueError(f"{weights_path} cannot be loaded into a {config.get('preset')!r} model: "
                          f"{_first_line(error)}") from error

@@ -35,7 +35,6 @@ or than ``max_voxels`` allows are rejected before their data is read (see :mod:`
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -238,8 +237,11 @@ def _pipeline_options(beam_args: Sequence[str], workers: int, runner: Optional[s
     if dask_address and not dask:
         raise ValueError(f"--dask-address is an option of --runner DaskRunner, not of {runner}")
     if dask:
-        if importlib.util.find_spec("distributed") is None:
-            raise ValueError("--runner DaskRunner needs dask's distributed scheduler: pip install 'dask[distributed]'")
+        try:
+            import distributed  # noqa: F401 -- Beam's Dask runner needs it
+        except ImportError:
+            raise ValueError("--runner DaskRunner needs dask's distributed scheduler: pip install 'dask[distributed]'") \
+                from None
         if dask_address:
             args.append(f"--dask_client_address={dask_address}")
         if not any(a.startswith(("--dask_npartitions", "--dask_partition_size")) for a in args):

@@ -24,14 +24,15 @@ __all__ = ["KERAS_FILE", "keras_path", "load_model", "save_model"]
 def keras_path(path: str) -> str:
     """``path`` itself when it names a ``.keras`` file, else ``path/model.keras`` (a run folder)."""
     path = os.fspath(path)
-    return path if path.endswith(".keras") else os.path.join(path, KERAS_FILE)
+    return path if path.endswith(".keras") else fileio.join(path, KERAS_FILE)
 
 
 def save_model(model: ShaSpecModel, path: str, include_optimizer: bool = True) -> str:
     """Write ``model`` as one ``.keras`` file, atomically (a reader sees the old file or the new one, never a part),
     and return its path. ``path`` is a ``.keras`` file or a folder (then ``model.keras`` inside it).
 
-    ``keras.saving.load_model`` reads it back as the same class with the same weights, and, when the model was
+    ``path`` may be a URI (``gs://...``): the file is written locally and uploaded whole. ``keras.saving.load_model``
+    reads it back as the same class with the same weights, and, when the model was
     compiled, compiled with the same optimizer state (``model.save``'s behaviour). ``include_optimizer=False``
     writes the model alone (a file for inference, without the optimizer's slots: SGD's momentum doubles the size);
     it loads uncompiled. :func:`load_model` reads either with one-line errors."""
@@ -48,14 +49,15 @@ def save_model(model: ShaSpecModel, path: str, include_optimizer: bool = True) -
 
 
 def load_model(path: str, compile: bool = True) -> ShaSpecModel:
-    """The model in a ``.keras`` file (or ``path/model.keras``) written by :func:`save_model` or ``model.save``.
-    A missing file is ``FileNotFoundError``; a file that is not a ShaSpec model archive is a ``ValueError`` naming
-    it."""
+    """The model in a ``.keras`` file (or ``path/model.keras``) written by :func:`save_model` or ``model.save``;
+    ``path`` may be a URI (``gs://...``: the file is downloaded first). A missing file is ``FileNotFoundError``; a
+    file that is not a ShaSpec model archive is a ``ValueError`` naming it."""
     target = keras_path(path)
-    if not os.path.isfile(target) and not fileio.is_uri(target):
+    if not fileio.isfile(target):
         raise FileNotFoundError(f"{target}: no such model file")
     try:
-        model = keras.saving.load_model(target, compile=compile)
+        with fileio.local_copy(target, suffix=".keras") as local:  # Keras reads the archive as a local zip file
+            model = keras.saving.load_model(local, compile=compile)
     except (OSError, ValueError, TypeError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{target}: not a readable ShaSpec model archive ({first})") from error
