@@ -294,7 +294,7 @@ def test_export_stages_under_a_name_clean_stale_knows(exported, tmp_path, monkey
     from shaspec_tf import fileio
 
     model_dir = tmp_path / "base" / "m"
-    host = fileio._host()
+    host = fileio.host_name()
     dead = f".3.partial-{host}-99999999-deadbeef"     # a killed export of this host: removed
     live = f".4.partial-{host}-{os.getpid()}-cafecafe"  # a running export: kept
     remote = ".5.partial-otherhost-12-cafecafe"       # another host's: kept

@@ -122,7 +122,7 @@ def test_a_killed_writer_leaves_litter_that_only_the_dead_process_loses(tmp_path
     # A writer that is SIGKILLed after creating its partial folder.
     code = ("import os, signal, sys; sys.path.insert(0, %r); from shaspec_tf import fileio; "
             "fileio.staging_dir(%r); os.kill(os.getpid(), signal.SIGKILL)") % (
-        os.path.dirname(os.path.dirname(os.path.abspath(fileio.__file__))), str(target))
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fileio.__file__)))), str(target))
     assert subprocess.run([sys.executable, "-c", code]).returncode != 0
     dead = [p for p in os.listdir(tmp_path) if ".partial-" in p]
     assert len(dead) == 1
@@ -150,7 +150,7 @@ def test_clean_stale_in_a_folder_takes_every_dead_name_and_nothing_else(tmp_path
     code = ("import os, signal, sys; sys.path.insert(0, %r); from shaspec_tf import fileio; "
             "[open(fileio.partial_name(os.path.join(%r, n)), 'w').close() for n in ('a.json', 'b.h5')]; "
             "os.kill(os.getpid(), signal.SIGKILL)") % (
-        os.path.dirname(os.path.dirname(os.path.abspath(fileio.__file__))), str(tmp_path))
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(fileio.__file__)))), str(tmp_path))
     assert subprocess.run([sys.executable, "-c", code]).returncode != 0
     dead = sorted(p for p in os.listdir(tmp_path) if ".partial-" in p)
     assert len(dead) == 2

@@ -156,7 +156,7 @@ def test_write_nifti_labels_leaves_no_partial_file(tmp_path, monkeypatch):
     labels = np.zeros(record.image.shape[:3], np.uint8)
     # A killed run's partial file (a process that no longer exists on this host) is cleaned up by the next write.
     out.parent.mkdir()
-    stale = out.parent / f".seg.nii.gz.partial-{fileio._host()}-99999999-deadbeef.nii.gz"
+    stale = out.parent / f".seg.nii.gz.partial-{fileio.host_name()}-99999999-deadbeef.nii.gz"
     stale.write_bytes(b"half a label map")
 
     real_save = nib.save
