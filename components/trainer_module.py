@@ -12,6 +12,11 @@ Everything about the run comes from ``custom_config`` (``pipeline.configs.TaskCo
 ``preset``, ``jit_compile``, ``run_eagerly``, ...; the others keep ``TrainConfig``'s and the task's defaults), and
 the exporter's ``overlap`` when set (default: ``shaspec_tf.inference``'s). Keys that are not ``TrainConfig``'s
 (Vertex AI's job settings) stay with the orchestrator.
+
+Every folder may be a ``gs://`` URI (the Trainer on Vertex AI): files go through ``shaspec_tf.fileio``, and the
+SavedModel is exported locally and uploaded whole. When the Trainer runs on several replicas (``TF_CONFIG`` with more
+than one task) each replica calls :func:`run_fn`; they train together (``MultiWorkerMirroredStrategy``) and only the
+chief writes the run folder and the model.
 """
 from __future__ import annotations
 
@@ -21,51 +26,53 @@ import shutil
 import tempfile
 
 from components.evaluator import SHASPEC_FORMAT
+from shaspec_tf import fileio
 
 _KEPT = ("model_config.json", "model.weights.h5", "train_config.json", "history.json", "learning_curves.png")
 
 
 def examples_folder(file_patterns) -> str:
-    """The ``Examples`` artifact folder from the Trainer's split patterns (``URI/Split-train/*``)."""
+    """The ``Examples`` artifact folder from the Trainer's split patterns (``URI/Split-train/*``, ``URI`` local or
+    ``gs://...``)."""
     first = file_patterns[0] if isinstance(file_patterns, (list, tuple)) else file_patterns
-    return os.path.dirname(os.path.dirname(first))
+    return fileio.dirname(fileio.dirname(first))
 
 
 def _unversion_manifest(saved_model: str) -> None:
     """The Pusher picks the serving version (a timestamp), so the export manifest names none."""
-    import json
-
     from shaspec_tf.export import MANIFEST_PATH
 
-    path = os.path.join(saved_model, MANIFEST_PATH)
-    with open(path) as f:
-        manifest = json.load(f)
+    path = fileio.join(saved_model, *MANIFEST_PATH.split(os.sep))
+    manifest = fileio.read_json(path)
     manifest.update(version=None, model_name=None, versioned_by="the TFX Pusher (its push time)")
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    fileio.atomic_write_json(path, manifest)
 
 
 def run_fn(fn_args) -> None:
     from shaspec_tf.export import export_model
     from shaspec_tf.tasks import get_task
-    from shaspec_tf.training.trainer import TrainConfig, train
     from shaspec_tf.trained import load_trained
+    from shaspec_tf.training.trainer import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "data", "out"}
     config = dict(fn_args.custom_config or {})
     task = get_task(config["task"])
-    train(TrainConfig(task=task.name, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
-                      **{k: v for k, v in config.items() if k in fields}))
+    result = train(TrainConfig(task=task.name, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
+                               **{k: v for k, v in config.items() if k in fields}))
+    if not result.get("chief", True):
+        return  # another worker of a multi-worker Trainer (TF_CONFIG): the chief writes the model
 
-    model_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir.rstrip("/")), SHASPEC_FORMAT)
-    os.makedirs(model_dir, exist_ok=True)
+    serving = fn_args.serving_model_dir.rstrip("/")
+    model_dir = fileio.join(fileio.dirname(serving), SHASPEC_FORMAT)
+    fileio.makedirs(model_dir)
     for name in _KEPT:
-        source = os.path.join(fn_args.model_run_dir, name)
-        if os.path.exists(source):
-            shutil.copy2(source, os.path.join(model_dir, name))
+        source = fileio.join(fn_args.model_run_dir, name)
+        if fileio.exists(source):
+            fileio.copy(source, fileio.join(model_dir, name), overwrite=True)
     # The serving model dir is the SavedModel itself (the Pusher adds the version folder): export as version 1 of
-    # a scratch base beside it, then move that version into place.
-    scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(fn_args.serving_model_dir.rstrip("/")))
+    # a scratch base (beside it when it is local, renamed into place; else a local folder, uploaded).
+    local = not fileio.is_uri(serving)
+    scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(serving) if local else None)
     try:
         model = load_trained(model_dir)
         # the exporter's sliding window: the task's inference settings (overlap: the config's, when it sets one)
@@ -73,8 +80,10 @@ def run_fn(fn_args) -> None:
                   if k in ("overlap", "sigma_scale")}
         version = export_model(model, scratch, "model", 1, source=model_dir, **window)
         _unversion_manifest(version)
-        if os.path.exists(fn_args.serving_model_dir):
-            shutil.rmtree(fn_args.serving_model_dir)
-        shutil.move(version, fn_args.serving_model_dir)
+        fileio.remove_tree(serving)
+        if local:
+            os.rename(version, serving)
+        else:
+            fileio.upload_tree(version, serving)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

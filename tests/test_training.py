@@ -267,7 +267,7 @@ def test_final_weights_are_written_aside_and_dead_runs_partials_are_removed(brat
     assert not (out / "model.weights.h5").exists() and not _partials(out)
     # what killed processes leave behind goes; a live process's partial file stays
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = fileio._host()
+    host = fileio.host_name()
     litter = [out / f".history.json.partial-{host}-{dead.stdout.strip()}-deadbeef",
               out / f".model.weights.h5.partial-{host}-{dead.stdout.strip()}-deadbeef.weights.h5",
               out / "checkpoints" / f".ckpt-000000004.npz.partial-{host}-{dead.stdout.strip()}-deadbeef.npz"]

@@ -7,7 +7,9 @@ Layout of a run's ``checkpoints/`` folder (the newest two are kept)::
 
 Each checkpoint is one NumPy ``.npz`` archive, written aside under a hidden ``.ckpt-....npz.partial-HOST-PID-RANDOM``
 name and renamed into place (:func:`shaspec_tf.fileio.atomic_path`), so a kill at any instant leaves every earlier
-checkpoint whole; the partial file of a killed process is removed by the next run. Zip members carry CRC-32s, and a
+checkpoint whole; the partial file of a killed process is removed by the next run. In a ``gs://`` run folder the
+archive is written to a local temporary file and uploaded whole (an object appears only once its upload completed),
+and read back through a local copy; pruning and the fallback to an older checkpoint work the same there. Zip members carry CRC-32s, and a
 checkpoint is read back whole before anything is restored, so a truncated or bit-flipped file is detected, skipped
 with a one-line notice, and the run resumes from the one before. Members:
 
@@ -57,18 +59,18 @@ def _first_line(error: BaseException) -> str:
 
 
 def checkpoint_path(folder: str, step: int) -> str:
-    return os.path.join(folder, f"ckpt-{int(step):09d}.npz")
+    return fileio.join(folder, f"ckpt-{int(step):09d}.npz")
 
 
 def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
     """``[(step, path)]`` of the checkpoints in ``folder``, newest first (partial files are not checkpoints)."""
-    if not os.path.isdir(folder):
+    if not fileio.isdir(folder):
         return []
     found = []
-    for name in os.listdir(folder):
+    for name in fileio.listdir(folder):
         match = _NAME.match(name)
         if match:
-            found.append((int(match.group(1)), os.path.join(folder, name)))
+            found.append((int(match.group(1)), fileio.join(folder, name)))
     return sorted(found, reverse=True)
 
 
@@ -140,8 +142,8 @@ def save(folder: str, model, step: int, epoch: int, extra: dict, keep: int = KEE
     _saved_in_this_process += 1
     arrays = capture(model, step, epoch, extra)
     target = checkpoint_path(folder, step)
-    os.makedirs(folder, exist_ok=True)
-    with fileio.atomic_path(target, suffix=".npz") as tmp:
+    fileio.makedirs(folder)
+    with fileio.atomic_path(target, suffix=".npz") as tmp:  # a local file, also for a gs:// target
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -153,13 +155,13 @@ def save(folder: str, model, step: int, epoch: int, extra: dict, keep: int = KEE
     kept = 0
     for other_step, path in list_checkpoints(folder):
         if other_step > step or (other_step < step and kept >= keep - 1):
-            os.remove(path)
+            fileio.remove(path)
         elif other_step < step:
             kept += 1
     for legacy in (LEGACY_WEIGHTS, LEGACY_METADATA):  # superseded by a checkpoint of our own
-        for path in (os.path.join(folder, legacy), os.path.join(folder, legacy + ".bkp")):
-            if os.path.exists(path):
-                os.remove(path)
+        for path in (fileio.join(folder, legacy), fileio.join(folder, legacy + ".bkp")):
+            if fileio.exists(path):
+                fileio.remove(path)
     return target
 
 
@@ -168,7 +170,7 @@ def read(path: str) -> Dict[str, np.ndarray]:
     """Every array of the checkpoint at ``path``, read in full (zip CRCs checked); a one-line ``ValueError`` saying
     why when it is unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with fileio.local_copy(path, suffix=".npz") as local, np.load(local, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         meta = json.loads(str(arrays["meta"]))
         if meta.get("format") != FORMAT:
@@ -231,7 +233,7 @@ def restore_latest(folder: str, model, accept: Callable[[dict], None],
             continue
         meta = restore(model, arrays)
         for reason in skipped:
-            notice(f"shaspec train: skipping a checkpoint: {reason}; resuming from {os.path.basename(path)}")
+            notice(f"shaspec train: skipping a checkpoint: {reason}; resuming from {fileio.basename(path)}")
         return meta
     if found:
         raise ValueError(f"no usable checkpoint in {folder}: {'; '.join(skipped)}; move that folder away to start "
@@ -240,8 +242,8 @@ def restore_latest(folder: str, model, accept: Callable[[dict], None],
 
 
 def has_legacy(folder: str) -> bool:
-    return os.path.exists(os.path.join(folder, LEGACY_METADATA)) or os.path.exists(
-        os.path.join(folder, LEGACY_METADATA + ".bkp"))
+    return fileio.exists(fileio.join(folder, LEGACY_METADATA)) or fileio.exists(
+        fileio.join(folder, LEGACY_METADATA + ".bkp"))
 
 
 def restore_legacy(folder: str, model, notice: Callable[[str], None] = print) -> int:
@@ -250,18 +252,18 @@ def restore_legacy(folder: str, model, notice: Callable[[str], None] = print) ->
     epochs it had completed. Its weights file holds no random-generator state, so such a resume is not bit-exact."""
     errors = []
     for suffix in ("", ".bkp"):
-        weights = os.path.join(folder, LEGACY_WEIGHTS + suffix)
-        meta = os.path.join(folder, LEGACY_METADATA + suffix)
-        if not os.path.exists(meta):
+        weights = fileio.join(folder, LEGACY_WEIGHTS + suffix)
+        meta = fileio.join(folder, LEGACY_METADATA + suffix)
+        if not fileio.exists(meta):
             continue
         try:
-            with open(meta) as f:
-                epoch = int(json.load(f)["epoch"])
-            model.load_weights(weights)
+            epoch = int(json.loads(fileio.read_text(meta))["epoch"])
+            with fileio.local_copy(weights, suffix=".weights.h5") as local:  # Keras reads local files only
+                model.load_weights(local)
         except Exception as error:  # noqa: BLE001  h5py / Keras / json raise assorted types for a damaged file
-            errors.append(f"{os.path.basename(weights)}: {_first_line(error)}")
+            errors.append(f"{fileio.basename(weights)}: {_first_line(error)}")
             continue
-        notice(f"shaspec train: resuming from an old-format checkpoint ({os.path.basename(weights)}, epoch {epoch}; "
+        notice(f"shaspec train: resuming from an old-format checkpoint ({fileio.basename(weights)}, epoch {epoch}; "
                f"it holds no dropout random state, so this resume is not bit-exact)"
                + "".join(f"; skipped {e}" for e in errors))
         return epoch

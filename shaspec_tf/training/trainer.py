@@ -13,32 +13,32 @@ A re-run of the same command resumes from the newest readable checkpoint and dra
 and updates an uninterrupted run would have (bit-identical with ``--deterministic``, which turns on TensorFlow's
 deterministic ops); a finished run is reported as complete. A folder holding a run with other options, or anything
 that is not a run, is refused with a one-line error naming why.
+
+``--data`` and ``--out`` may be ``gs://`` URIs: every file goes through :mod:`shaspec_tf.fileio` (what Keras or
+matplotlib must write as a local file is written aside and uploaded whole; TensorBoard writes ``gs://`` itself).
+Under a multi-worker ``TF_CONFIG`` (Vertex AI) the workers train one model together and only the chief writes the
+run folder (:mod:`shaspec_tf.training.distribute`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
-from shaspec_tf.fileio import MARKER
+from shaspec_tf import fileio
 from shaspec_tf.taskspec.registry import get_task
-
-RUN_KIND = "train-run"
-
-# The options that define what a run computes: a re-run into the same folder resumes only when these are equal
-# (``out``, ``jit_compile``, ``run_eagerly``, ``strategy`` and ``deterministic`` say how it runs, not what).
-RUN_DEFINING = ("task", "data", "preset", "variant", "model_options", "steps", "epochs", "checkpoint_every",
-                "batch_size", "crop_size", "regime", "subset", "warmup_steps", "ramp_steps", "drop_rate",
-                "learning_rate", "schedule", "optimizer", "weight_decay", "mixed_precision", "audio_rate", "seed")
+from shaspec_tf.training import runfolder
+from shaspec_tf.training.distribute import STRATEGIES
+from shaspec_tf.training.runfolder import RUN_DEFINING, RUN_KIND, run_options  # noqa: F401  (this module's API)
+from shaspec_tf.training.runfolder import notice as _notice
 
 POLICIES = {"off": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 CHOICES = {"variant": ("shaspec", "baseline"), "regime": ("non-dedicated", "dedicated"),
            "schedule": ("poly", "cosine", "constant"), "optimizer": ("sgd", "adam"),
-           "mixed_precision": tuple(POLICIES), "strategy": ("default", "mirrored", "multi_worker")}
+           "mixed_precision": tuple(POLICIES), "strategy": STRATEGIES}
 
 
 @dataclass
@@ -135,21 +135,6 @@ class OptionDefaults(dict):
         return next(f.default for f in fields(TrainConfig) if f.name == key)
 
 
-def run_options(config) -> dict:
-    """The run-defining options of a resolved config (a :class:`TrainConfig` or the dict of a ``train_config.json``),
-    as JSON values (a local ``data`` path made absolute)."""
-    values = asdict(config) if isinstance(config, TrainConfig) else dict(config)
-    options = {key: values.get(key) for key in RUN_DEFINING}
-    data = str(options["data"])
-    options["data"] = data if "://" in data else os.path.abspath(data)
-    return json.loads(json.dumps(options, default=list))
-
-
-def _differences(saved: dict, here: dict) -> list:
-    return [f"{key} {saved.get(key)!r} there, {here.get(key)!r} here"
-            for key in sorted(set(saved) | set(here)) if saved.get(key) != here.get(key)]
-
-
 def _records(data: str, task: str, split: str) -> list:
     from shaspec_tf.data.files import split_files
 
@@ -200,114 +185,28 @@ def _data_error(files, error) -> ValueError:
     return ValueError(f"reading the training records failed ({type(error).__name__}: {text[0] if text else ''})")
 
 
-def _strategy(name: str):
-    import tensorflow as tf
-
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {name!r}: expected default, mirrored or multi_worker")
-
-
-def _read_json(path: str):
-    from shaspec_tf.fileio import read_json
-
-    try:
-        return read_json(path)
-    except OSError as error:
-        raise ValueError(f"{path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]})") from error
-
-
-def _inspect_output_folder(out: str, options: dict) -> dict:
-    """What ``out`` is, read-only: ``{"state": "fresh" | "run" | "legacy" | "complete", "marker": ...}``. Refuses
-    (one-line ``ValueError`` / ``FileExistsError``) a folder that is not a training run, or a run with other
-    run-defining options, naming them."""
-    from shaspec_tf import fileio
-    from shaspec_tf.training.checkpoint import clean_partials
-
-    if not os.path.lexists(out):
-        return {"state": "fresh"}
-    if not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a folder; choose another --out")
-    clean_partials(out)  # only the partial files of dead processes (ours by their names)
-    if not os.listdir(out):
-        return {"state": "fresh"}
-    marker = fileio.read_marker(out)
-    if marker is None:
-        legacy = [os.path.join(out, name) for name in ("model_config.json", "train_config.json")]
-        if not all(os.path.isfile(path) for path in legacy):
-            raise FileExistsError(f"{out} is not empty and is not a shaspec training run (no {fileio.MARKER}); "
-                                  f"choose another --out or empty that folder")
-        saved = run_options(_read_json(legacy[1]))
-        state = "legacy"
-    else:
-        if marker.get("kind") != RUN_KIND:
-            raise FileExistsError(f"{out} holds a shaspec {marker.get('kind')!r} output, not a training run; choose "
-                                  f"another --out")
-        saved = marker.get("run") or {}
-        state = "complete" if marker.get("state") == "complete" and os.path.isfile(
-            os.path.join(out, "model.weights.h5")) else "run"
-    differing = _differences(saved, options)
-    if differing and state == "run" and _never_checkpointed(out):
-        # A run of ours that failed before its first checkpoint holds nothing worth keeping (its configs and an
-        # empty TensorBoard log): let the corrected command start it afresh rather than refuse it.
-        _notice(f"shaspec train: {out} holds a run that never reached a checkpoint ({'; '.join(differing)}); "
-                f"starting it afresh with these options")
-        shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
-        return {"state": "fresh"}
-    if differing:
-        raise ValueError(f"{out} holds a training run with other options ({'; '.join(differing)}); use another --out, "
-                         f"or the same options to resume it")
-    return {"state": state, "marker": marker}
-
-
-_NEVER_CHECKPOINTED_ENTRIES = {"model_config.json", "train_config.json", "tensorboard", "checkpoints", "history.json"}
-
-
-def _never_checkpointed(out: str) -> bool:
-    """Whether the run folder ``out`` holds nothing but what a run writes before its first checkpoint."""
-    checkpoints = os.path.join(out, "checkpoints")
-    return (set(os.listdir(out)) - {MARKER} <= _NEVER_CHECKPOINTED_ENTRIES
-            and not (os.path.isdir(checkpoints) and os.listdir(checkpoints))
-            and not os.path.exists(os.path.join(out, "model.weights.h5")))
-
-
-def _check_model_config(out: str, model_config: dict) -> None:
-    saved_path = os.path.join(out, "model_config.json")
-    if not os.path.exists(saved_path):
-        return
-    saved = _read_json(saved_path)
-    if json.loads(json.dumps(model_config)) != saved:
-        differing = sorted(k for k in set(saved) | set(model_config)
-                           if json.dumps(saved.get(k)) != json.dumps(model_config.get(k)))
-        raise ValueError(f"{out} holds a different model (preset {saved.get('preset')!r}, differing options "
-                         f"{differing}); use another --out or the same model options")
-
-
-def _notice(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def train(config: TrainConfig, callbacks=()) -> dict:
-    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step", "complete"}`` (``complete``:
-    the run had already finished, and nothing was trained). The mixed-precision policy applies for the duration of
-    the call and is restored afterwards."""
+    """Train (or resume) and return ``{"history", "steps", "out", "resumed_from_step", "complete", "chief"}``
+    (``complete``: the run had already finished, and nothing was trained; ``chief``: this process wrote the run
+    folder, false on the other workers of a multi-worker cluster, see :mod:`shaspec_tf.training.distribute`). The
+    mixed-precision policy applies for the duration of the call and is restored afterwards."""
+    from shaspec_tf.training.distribute import cluster
+
     c = config.resolved()
     if c.deterministic and c.mixed_precision == "bf16" and "tensorflow" not in sys.modules:
         # oneDNN's bf16 CPU kernels are not reproducible (TF 2.16; see the README). Its float32 ones were in every
         # resume checked, and without oneDNN a 3D training step on a CPU is 8 (eager) to 50 (graph) times slower.
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     options = run_options(c)
-    found = _inspect_output_folder(c.out, options)
+    chief = cluster()["chief"]
+    found = runfolder.inspect(c.out, options, writable=chief)
     if found["state"] == "complete":
-        history_path = os.path.join(c.out, "history.json")
-        history = _read_json(history_path) if os.path.exists(history_path) else {}
+        history_path = fileio.join(c.out, "history.json")
+        history = runfolder.read_json(history_path) if fileio.exists(history_path) else {}
         steps = int(found["marker"].get("steps", 0))
         _notice(f"shaspec train: {c.out} is a finished run of these options ({steps} steps); nothing to do")
-        return {"history": history, "steps": steps, "out": c.out, "resumed_from_step": steps, "complete": True}
+        return {"history": history, "steps": steps, "out": c.out, "resumed_from_step": steps, "complete": True,
+                "chief": chief}
 
     import keras
 
@@ -315,18 +214,27 @@ def train(config: TrainConfig, callbacks=()) -> dict:
     if POLICIES[c.mixed_precision]:
         keras.mixed_precision.set_global_policy(POLICIES[c.mixed_precision])
     try:
-        return _train(c, found, options, callbacks)
+        if chief:
+            return _train(c, found, options, callbacks, c.out)
+        import tempfile  # another worker of a cluster: the same steps, its writes into a folder of its own
+
+        private = tempfile.mkdtemp(prefix="shaspec-worker-")
+        try:
+            return dict(_train(c, found, options, callbacks, private), out=c.out, chief=False)
+        finally:
+            fileio.remove_tree(private)
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
+def _train(c: TrainConfig, found: dict, options: dict, callbacks, out: str) -> dict:
+    """Train ``c`` from the state ``found`` in its run folder ``c.out`` (checkpoints are read there), writing into
+    ``out`` (the run folder itself, or a multi-worker run's private folder on the other workers)."""
     import keras
     import tensorflow as tf
 
-    from shaspec_tf import fileio
     from shaspec_tf.data.input import ModalityDropout
-    from shaspec_tf.training import checkpoint
+    from shaspec_tf.training import checkpoint, distribute
     from shaspec_tf.training.schedules import make_optimizer, make_schedule
 
     if c.deterministic:
@@ -335,7 +243,8 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
     # -- everything about the input is checked before the folder is touched ----------------------------------------
     task = get_task(c.task)
     train_files = _records(c.data, c.task, task.train_split)
-    strategy = _strategy(c.strategy)
+    strategy = distribute.make_strategy(c.strategy, notice=_notice)
+    multi_worker = distribute.cluster()["workers"] > 1
     with strategy.scope():
         model = task.build_model(c.preset, variant=c.variant, **c.model_options)
     model_config = dict(model.shaspec_config)
@@ -356,20 +265,21 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
                          f"{marker.get('steps_per_epoch')}, these options now make {total} in checkpoints of "
                          f"{steps_per_epoch} (did the data change?); use another --out")
     if found["state"] != "fresh":
-        _check_model_config(c.out, model_config)
+        runfolder.check_model_config(c.out, model_config)
 
     # -- the run folder ---------------------------------------------------------------------------------------------
-    os.makedirs(c.out, exist_ok=True)
-    checkpoints = os.path.join(c.out, "checkpoints")
+    fileio.makedirs(out)
+    checkpoints = fileio.join(c.out, "checkpoints")       # where this run's checkpoints are read
+    written = fileio.join(out, "checkpoints")             # and written (the same, but on a non-chief worker)
     run_marker = dict(run=options, state="running", steps=total, steps_per_epoch=steps_per_epoch)
-    if found["state"] != "run" or marker.get("state") != "running":
-        fileio.write_marker(c.out, RUN_KIND, files=fileio.list_files(c.out), **run_marker)
-    checkpoint.clean_partials(c.out)
-    checkpoint.clean_partials(checkpoints)
-    if found["state"] == "fresh" or not os.path.exists(os.path.join(c.out, "train_config.json")):
-        fileio.atomic_write(os.path.join(c.out, "model_config.json"),
+    if out != c.out or found["state"] != "run" or marker.get("state") != "running":
+        fileio.write_marker(out, RUN_KIND, files=fileio.list_files(out), **run_marker)
+    checkpoint.clean_partials(out)
+    checkpoint.clean_partials(written)
+    if found["state"] == "fresh" or not fileio.exists(fileio.join(out, "train_config.json")):
+        fileio.atomic_write(fileio.join(out, "model_config.json"),
                             json.dumps(model_config, indent=2, sort_keys=True) + "\n")
-        fileio.atomic_write(os.path.join(c.out, "train_config.json"),
+        fileio.atomic_write(fileio.join(out, "train_config.json"),
                             json.dumps(asdict(c), indent=2, default=list) + "\n")
 
     with strategy.scope():
@@ -390,19 +300,26 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
             start_epoch = checkpoint.restore_legacy(checkpoints, model, notice=_notice)
             if not 0 <= start_epoch <= epochs:
                 raise ValueError(f"the old-format checkpoint in {checkpoints} is at epoch {start_epoch} of {epochs}")
-            history_path = os.path.join(c.out, "history.json")
-            if os.path.exists(history_path):
-                history = {k: v[:start_epoch] for k, v in _read_json(history_path).items()}
+            history_path = fileio.join(c.out, "history.json")
+            if fileio.exists(history_path):
+                history = {k: v[:start_epoch] for k, v in runfolder.read_json(history_path).items()}
         else:
             start_epoch = 0
     start_step = start_epoch * steps_per_epoch
+    if multi_worker:  # every worker must resume from the same step (and all have read the folder by now)
+        distribute.check_same_everywhere(strategy, start_step, f"the step to resume {c.out} from")
+    if distribute.replicas(strategy) > 1:
+        distribute.scale_loss_per_replica(model, distribute.replicas(strategy))
 
     dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset)
-    data = task.train_dataset(train_files, c, dropout, start_step, model_config)
 
-    saver = checkpoint.make_callback(checkpoints, os.path.join(c.out, "history.json"), steps_per_epoch,
+    def dataset():
+        return task.train_dataset(train_files, c, dropout, start_step, model_config)
+
+    data = dataset() if c.strategy == "default" and not multi_worker else distribute.distributable(dataset)
+    saver = checkpoint.make_callback(written, fileio.join(out, "history.json"), steps_per_epoch,
                                      dict(run=options, steps_per_epoch=steps_per_epoch, total_steps=total), history)
-    all_callbacks = [saver, keras.callbacks.TensorBoard(os.path.join(c.out, "tensorboard"), update_freq="epoch"),
+    all_callbacks = [saver, keras.callbacks.TensorBoard(fileio.join(out, "tensorboard"), update_freq="epoch"),
                      *callbacks]
     try:
         model.fit(data, epochs=epochs, initial_epoch=start_epoch, steps_per_epoch=steps_per_epoch,
@@ -412,16 +329,16 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks) -> dict:
                                                         "IteratorGetNext" not in str(error)):
             raise
         raise _data_error(train_files, error) from None
-    with fileio.atomic_path(os.path.join(c.out, "model.weights.h5"), suffix=".weights.h5") as tmp:
-        model.save_weights(tmp)
+    with fileio.atomic_path(fileio.join(out, "model.weights.h5"), suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)  # Keras writes local files: for gs:// a local file, uploaded whole
     from shaspec_tf.models.saving import save_model
 
-    save_model(model, c.out, include_optimizer=False)  # model.keras: the same model as one keras.saving file
-    fileio.atomic_write(os.path.join(c.out, "history.json"), json.dumps(saver.history, indent=2) + "\n")
-    _plot_learning_curves(saver.history, steps_per_epoch, os.path.join(c.out, "learning_curves.png"))
-    fileio.write_marker(c.out, RUN_KIND, **dict(run_marker, state="complete"))
-    return {"history": saver.history, "steps": total, "out": c.out, "resumed_from_step": start_step,
-            "complete": False}
+    save_model(model, fileio.join(out, "model.keras"), include_optimizer=False)  # the same model as one file
+    fileio.atomic_write(fileio.join(out, "history.json"), json.dumps(saver.history, indent=2) + "\n")
+    _plot_learning_curves(saver.history, steps_per_epoch, fileio.join(out, "learning_curves.png"))
+    fileio.write_marker(out, RUN_KIND, **dict(run_marker, state="complete"))
+    return {"history": saver.history, "steps": total, "out": out, "resumed_from_step": start_step,
+            "complete": False, "chief": True}
 
 
 def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> None:
@@ -429,8 +346,6 @@ def _plot_learning_curves(history: dict, steps_per_epoch: int, path: str) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from shaspec_tf import fileio
 
     keys = [k for k in ("loss", "task_loss", "alignment_loss", "domain_loss") if history.get(k)]
     fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3), squeeze=False)
