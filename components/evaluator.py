@@ -21,6 +21,7 @@ Every file goes through :mod:`shaspec_tf.fileio`, so the artifacts may live on `
 from typing import Optional, Tuple
 
 from tfx import v1 as tfx
+from tfx.components.evaluator import executor as tfx_evaluator
 from tfx.types import standard_artifacts
 
 from shaspec_tf import fileio
@@ -127,3 +128,11 @@ def MissingModalityEvaluator(
     fileio.makedirs(blessing.uri)
     fileio.atomic_write(fileio.join(blessing.uri, "BLESSED" if blessed else "NOT_BLESSED"),
                         "\n".join(reasons) + ("\n" if reasons else ""))
+
+
+class VertexEvaluatorExecutor(MissingModalityEvaluator.EXECUTOR_SPEC.executor_class, tfx_evaluator.Executor):
+    """The evaluator's executor as the Kubeflow V2 / Vertex AI pipeline runs it. TFX's container entrypoint turns the
+    blessing's ``current_model_id`` into the model's Vertex resource name only for executors that are TFX Evaluators,
+    and the latest-blessed-model resolver matches models by that name: with the plain executor the resolver never
+    finds the blessed model, and the regression check against it never runs in the cloud. The work is the same (this
+    class's ``Do`` is the component's)."""

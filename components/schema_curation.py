@@ -87,4 +87,5 @@ def CurateSchema(schema: InputArtifact[standard_artifacts.Schema],
     from shaspec_tf import fileio
 
     inferred = tfdv.load_schema_text(fileio.join(schema.uri, SCHEMA_FILE))
+    fileio.makedirs(curated.uri)  # a local pipeline root under Vertex's entrypoint does not create it
     tfdv.write_schema_text(curate_schema(inferred, task), fileio.join(curated.uri, SCHEMA_FILE))

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import List
 
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 
-from components.evaluator import MissingModalityEvaluator
+from components.evaluator import MissingModalityEvaluator, VertexEvaluatorExecutor
 from components.example_gens import AvMnistExampleGen, BratsExampleGen, fingerprint
 from components.pusher import Pusher
 from components.schema_curation import CurateSchema
@@ -107,6 +108,8 @@ def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) 
     evaluator = MissingModalityEvaluator(
         examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
         baseline_model=resolver.outputs["model"], **evaluation).with_id(f"MissingModalityEvaluator.{suffix}")
+    if cloud:  # Vertex names models by resource: see VertexEvaluatorExecutor (a Beam executor, as TFX's Evaluator)
+        evaluator.executor_spec = executor_spec.BeamExecutorSpec(VertexEvaluatorExecutor)
     pusher = Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(

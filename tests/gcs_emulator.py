@@ -7,7 +7,9 @@ and Beam's GCS IO need things the emulator does not give:
 * **Reads in TLS-sized pieces.** Over plain HTTP the plugin's libcurl hands google-cloud-cpp more than 16 KiB per
   write callback once a download pauses, and google-cloud-cpp's spill buffer overflows: ``free(): invalid
   pointer`` on any object over ~256 KiB. Real Cloud Storage speaks TLS, whose records are at most 16 KiB; the front
-  sends responses in 16 KiB pieces, as TLS would.
+  sends responses in 16 KiB pieces, 5 ms apart (at 0.2 ms one run in three of eight 0.3-1 MB copies still crashed
+  under load; at 5 ms none of 48), about 3 MB/s. The project also reads a bucket in bounded pieces
+  (``fileio.READ_CHUNK``), never past an object's end.
 * **Batch parts without a ``Content-ID``.** google-cloud-storage (Beam's GCS IO renames by batched copy + delete)
   numbers no part; the emulator skips unnumbered parts; the front numbers them.
 * **XML-API uploads.** The plugin creates "folders" (``makedirs``) with an XML-API ``PUT /bucket/name``, which the
@@ -89,7 +91,7 @@ class _Front(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(data[start:start + CHUNK])
                 self.wfile.flush()
                 if len(data) > CHUNK:
-                    time.sleep(0.0002)
+                    time.sleep(0.005)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
 
