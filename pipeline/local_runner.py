@@ -98,17 +98,16 @@ def summary(config, seconds: float) -> dict:
     """Where the pushed models and the latest evaluation reports are (newest artifact of each)."""
     from shaspec_tf import fileio
 
-    def newest_last(pattern: str) -> list:
+    def newest_last(folder: str) -> list:
         # pushed versions are Unix times, artifact folders execution ids: both grow with time (an object store's
-        # "folders" have no modification time)
-        names = [path.rstrip("/") for path in fileio.glob(pattern)]
-        return sorted(names, key=lambda path: (int(fileio.basename(path)) if fileio.basename(path).isdigit() else -1,
-                                               path))
+        # "folders" have no modification time, and its glob matches objects only)
+        names = [n for n in fileio.listdir(folder) if not n.startswith(".")] if fileio.isdir(folder) else []
+        return [fileio.join(folder, name) for name in sorted(names, key=lambda n: (int(n) if n.isdigit() else -1, n))]
 
     out = {"seconds": round(seconds, 1), "tasks": {}}
     for t in config.tasks:
-        versions = newest_last(fileio.join(config.serving_dir, t.model_name, "*"))
-        reports = newest_last(fileio.join(config.root, f"MissingModalityEvaluator.{t.task}", "evaluation", "*"))
+        versions = newest_last(fileio.join(config.serving_dir, t.model_name))
+        reports = newest_last(fileio.join(config.root, f"MissingModalityEvaluator.{t.task}", "evaluation"))
         out["tasks"][t.task] = {"pushed": versions[-1] if versions else None,
                                 "report": reports[-1] if reports else None}
     return out

@@ -31,6 +31,7 @@ OPTIONAL = {
     "nilearn": ("pipeline", "`shaspec prepare phantom`: the MNI152 anatomy; a one-line error names the extra"),
     "tensorflow_io": ("pipeline", "AV-MNIST audio other than 16-bit WAV at 8 kHz; a one-line error names the extra"),
     "google_crc32c": ("pipeline", "the checksums of the BraTS Beam writer's TFRecords (with apache-beam[gcp])"),
+    "distributed": ("pipeline", "`shaspec prepare brats --runner DaskRunner` (apache-beam[dask]); one-line error"),
     "grpc": ("serving", "`shaspec predict --server` over gRPC"),
     "tensorflow_serving": ("serving", "`shaspec predict --server`: TF Serving's request protos"),
     "google.protobuf": ("serving", "`shaspec predict --server`: reading TF Serving's replies"),
