@@ -12,12 +12,14 @@ venv:
 demo: venv
 	.venv/bin/python pipeline/local_runner.py
 
-# The whole suite under TensorFlow, then the model library again under KERAS_BACKEND=jax.
+# The whole suite under TensorFlow, then the model library again under KERAS_BACKEND=jax. The TensorFlow pass runs
+# in two worker processes (pytest-xdist), a test file to a worker: much of it waits on child processes (Beam, TFX's
+# entrypoints, the Cloud Storage emulator, servers), so two keep a 2-core machine busy.
 test: venv
 	$(MAKE) --no-print-directory test-tf test-jax
 
 test-tf:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-jax:
 	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not tensorflow" $(MODEL_TESTS)

