@@ -96,7 +96,7 @@ def quiet_beam_logs() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stdout)
-    for name in ("apache_beam", "absl"):
+    for name in ("apache_beam", "absl", "distributed"):  # distributed: Beam's Dask runner's cluster
         logging.getLogger(name).setLevel(logging.WARNING)
     message = re.compile(r'message: "([^"]*)"')
     harmless = ("No semi_persistent_directory", "Discarding unparseable args")
