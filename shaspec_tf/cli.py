@@ -16,7 +16,8 @@
 
 The files and folders of every command (``prepare``, ``train``, ``evaluate``, ``predict``, ``export``, ``serve``) may
 be ``gs://`` URIs as well as local paths (:mod:`shaspec_tf.fileio`). Bad input is one line on stderr and exit status 2
-(``SHASPEC_TRACEBACK=1`` shows the traceback as well); outputs that are not provably ours are refused (see the README's "Safety and limits").
+(``SHASPEC_TRACEBACK=1`` shows the traceback as well); outputs that are not provably ours are refused (see the
+README's "Safety and limits").
 
 This module is the library's command line: every command above but ``serve``, which belongs to the serving app.
 The installed ``shaspec`` program is composed outside the library (``serving/cli.py``): it passes its own
