@@ -30,9 +30,9 @@ from shaspec_tf.fileio.layer import (MARKER, MARKER_SCHEMA, READ_CHUNK, host_nam
 from shaspec_tf.fileio.ownership import (ensure_replaceable, list_files, read_marker, remove_tree,
                                          replace_dir, staging_dir, write_marker)
 
-__all__ = ["MARKER", "MARKER_SCHEMA", "READ_CHUNK", "host_name", "absolute", "atomic_path", "atomic_write", "atomic_write_json",
+__all__ = ["MARKER", "MARKER_SCHEMA", "READ_CHUNK", "absolute", "atomic_path", "atomic_write", "atomic_write_json",
            "basename", "clean_stale", "clean_stale_in", "copy", "dirname", "ensure_replaceable", "exists", "glob",
-           "is_uri", "isdir", "isfile", "join", "lexists", "list_files", "listdir", "local_copy", "local_dir",
-           "makedirs", "open_file", "partial_name", "read_bytes", "read_json", "read_marker", "read_text", "remove",
-           "remove_tree", "replace_dir", "same_file", "size", "staging_dir", "stat", "upload_tree", "walk",
+           "host_name", "is_uri", "isdir", "isfile", "join", "lexists", "list_files", "listdir", "local_copy",
+           "local_dir", "makedirs", "open_file", "partial_name", "read_bytes", "read_json", "read_marker", "read_text",
+           "remove", "remove_tree", "replace_dir", "same_file", "size", "staging_dir", "stat", "upload_tree", "walk",
            "write_marker"]

@@ -1,5 +1,6 @@
 """Ownership: a folder the project builds as a whole carries :data:`MARKER` (kind, files and sizes); only such a
-folder, of the same kind and holding nothing else, is ever replaced (:func:`ensure_replaceable`, :func:`replace_dir`)."""
+folder, of the same kind and holding nothing else, is ever replaced (:func:`ensure_replaceable`,
+:func:`replace_dir`)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import shutil
 import time
 from typing import Callable, Dict, Optional
 
-from shaspec_tf.fileio.layer import (MARKER, MARKER_SCHEMA, OLD_MARK, PARTIAL_MARK, gfile_module, process_tag, atomic_write_json,
-                                     clean_stale, exists, is_uri, partial_name, read_bytes, upload_tree, walk)
+from shaspec_tf.fileio.layer import (MARKER, MARKER_SCHEMA, OLD_MARK, PARTIAL_MARK, atomic_write_json, clean_stale,
+                                     exists, gfile_module, is_uri, partial_name, process_tag, read_bytes, upload_tree,
+                                     walk)
 
 # -- ownership -----------------------------------------------------------------------------------------------------
 def list_files(folder: str) -> Dict[str, int]:
