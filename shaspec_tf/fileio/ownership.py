@@ -12,8 +12,8 @@ import time
 from typing import Callable, Dict, Optional
 
 from shaspec_tf.fileio.layer import (MARKER, MARKER_SCHEMA, OLD_MARK, PARTIAL_MARK, atomic_write_json, clean_stale,
-                                     exists, gfile_module, is_uri, partial_name, process_tag, read_bytes, upload_tree,
-                                     walk)
+                                     gfile_module, is_uri, lexists, listdir, partial_name, process_tag, read_bytes,
+                                     upload_tree, walk)
 
 # -- ownership -----------------------------------------------------------------------------------------------------
 def list_files(folder: str) -> Dict[str, int]:
@@ -64,16 +64,8 @@ def read_marker(folder: str) -> Optional[dict]:
     return marker
 
 
-def _exists(path: str) -> bool:
-    return exists(path) if is_uri(path) else os.path.lexists(path)
-
-
 def _isdir(path: str) -> bool:
     return gfile_module().isdir(path) if is_uri(path) else os.path.isdir(path) and not os.path.islink(path)
-
-
-def _listdir(path: str) -> list:
-    return gfile_module().listdir(path) if is_uri(path) else os.listdir(path)
 
 
 def ensure_replaceable(folder: str, kind: str, check_sizes: bool = True,
@@ -83,11 +75,11 @@ def ensure_replaceable(folder: str, kind: str, check_sizes: bool = True,
     ``FileExistsError`` that says why, and nothing is touched. ``legacy(folder)`` may vouch for an output written
     before markers existed."""
     folder = str(folder).rstrip("/")
-    if not _exists(folder):
+    if not lexists(folder):
         return False
     if not _isdir(folder):
         raise FileExistsError(f"{folder} exists and is not a folder; refusing to replace it")
-    if not _listdir(folder):
+    if not listdir(folder):
         return False
     marker = read_marker(folder)
     if marker is None:
@@ -141,7 +133,7 @@ def replace_dir(staging: str, target: str, kind: str, legacy: Optional[Callable[
         write_marker(staging, kind)
         had = ensure_replaceable(target, kind, legacy=legacy)
         old = None
-        if _exists(target):
+        if lexists(target):
             if had:
                 parent, name = os.path.split(target)
                 old = os.path.join(parent, f".{name}{OLD_MARK}{process_tag()}")
