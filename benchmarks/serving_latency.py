@@ -49,8 +49,8 @@ def main(argv=None):
     import tensorflow as tf
 
     import shaspec_tf
-    from serving.client import GrpcClient, RestClient
-    from serving.server import LocalServer
+    from shaspec_serving.client import GrpcClient, RestClient
+    from shaspec_serving.server import LocalServer
     from shaspec_tf.export import export_model
 
     patch = tuple(int(v) for v in args.patch.split(","))

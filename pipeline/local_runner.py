@@ -25,8 +25,12 @@ import sys
 import time
 import warnings
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script or by the TFX CLI: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, REPO)
+# The TFX app (pipeline/, components/) is not installed (setup.py): Beam's worker processes import the components'
+# functions by module path, so they get the repository on their path too, wherever the run is started from.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def configure_logging(verbose: bool = False) -> None:

@@ -20,7 +20,7 @@ be ``gs://`` URIs as well as local paths (:mod:`shaspec_tf.fileio`). Bad input i
 README's "Safety and limits").
 
 This module is the library's command line: every command above but ``serve``, which belongs to the serving app.
-The installed ``shaspec`` program is composed outside the library (``serving/cli.py``): it passes its own
+The installed ``shaspec`` program is composed outside the library (``shaspec_serving/cli.py``): it passes its own
 :class:`Command` s (``serve``) to :func:`main`. ``python -m shaspec_tf.cli serve`` says so in one line.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from shaspec_tf import logs
 @dataclasses.dataclass(frozen=True)
 class Command:
     """A subcommand that the program composed around the library adds to ``shaspec`` (the plugin seam: the library
-    never imports the applications built on it; they hand it their commands, see ``serving/cli.py``).
+    never imports the applications built on it; they hand it their commands, see ``shaspec_serving/cli.py``).
 
     ``add_arguments(parser)`` declares the subcommand's options on its ``argparse`` parser; ``run(args, extra)``
     runs it and returns the exit status. Its bad input (``OSError``, ``ValueError``) is one line on stderr and exit
@@ -53,7 +53,8 @@ class Command:
 
 
 # Commands of the applications built on the library, and where to find them when they were not added to main().
-APP_COMMANDS = {"serve": "the serving app's command: run the installed 'shaspec' program or python -m serving.cli"}
+APP_COMMANDS = {"serve": "the serving app's command: run the installed 'shaspec' program or "
+                         "python -m shaspec_serving.cli"}
 
 
 def _app_command_missing(args, extra) -> int:

@@ -1,4 +1,4 @@
-"""Package boundaries: the library (``shaspec_tf``) never imports the applications built on it (``serving``,
+"""Package boundaries: the library (``shaspec_tf``) never imports the applications built on it (``shaspec_serving``,
 ``components``, ``pipeline``), by any route; no module imports another module's private names; the model library is
 Keras-only."""
 import ast
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-APPS = ("serving", "components", "pipeline")
+APPS = ("shaspec_serving", "components", "pipeline")
 # Private names still imported across modules (none left: keep it that way).
 KNOWN_PRIVATE_IMPORTS = set()
 
@@ -90,8 +90,8 @@ def test_running_the_library_cli_loads_no_app_package():
 
 @pytest.mark.tensorflow
 def test_the_app_reexports_the_librarys_serving_client():
-    import serving.client
+    import shaspec_serving.client
     import shaspec_tf.serving_client as library
 
-    for name in serving.client.__all__:
-        assert getattr(serving.client, name) is getattr(library, name), name
+    for name in shaspec_serving.client.__all__:
+        assert getattr(shaspec_serving.client, name) is getattr(library, name), name

@@ -32,7 +32,7 @@ def test_prepare_phantom_into_a_bucket_then_discover_read_and_fingerprint_it(gcs
     out = run_with_gcs(gcs, f"""
         import gzip, hashlib, json
         import nibabel as nib, numpy as np
-        from serving.cli import main
+        from shaspec_serving.cli import main
         from shaspec_tf import fileio as F
         from shaspec_tf.data import brats
         from shaspec_tf.data.files import input_fingerprint   # components.example_gens.fingerprint
@@ -150,7 +150,7 @@ def test_prepare_avmnist_from_sources_in_a_bucket_into_a_bucket(gcs):
     out = run_with_gcs(gcs, f"""
         import json
         import tensorflow as tf
-        from serving.cli import main
+        from shaspec_serving.cli import main
         from shaspec_tf import fileio as F
         from shaspec_tf.data import avmnist, schema
         b = "{bucket}"

@@ -57,7 +57,7 @@ def on_bucket(gcs, local, brats_data):
         from shaspec_tf.models.saving import save_model
         from shaspec_tf.segment_nifti import is_our_label_map
         from shaspec_tf.trained import load_trained
-        from serving.cli import main
+        from shaspec_serving.cli import main
 
         b, local = "{bucket}", {str(local)!r}
         F.upload_tree(local + "/model", b + "/runs/tiny")
@@ -165,7 +165,7 @@ def test_serve_reads_its_models_from_the_bucket(gcs, on_bucket, local):
     from shaspec_tf.trained import load_trained
 
     grpc_port, rest_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "serving.cli", "serve", "--model-base",
+    server = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "shaspec_serving.cli", "serve", "--model-base",
                                f"{on_bucket['bucket']}/models", "--grpc-port", str(grpc_port), "--rest-port",
                                str(rest_port), "--poll-seconds", "30"], cwd=ROOT, env={**os.environ, **gcs.env()},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,7 +28,7 @@ OPTIONS = dict(task="avmnist", preset="avmnist-tiny", variant="baseline", steps=
 
 
 def _cli(bucket):
-    return [sys.executable, "-m", "serving.cli", "train", "--task", "avmnist", "--data", f"{bucket}/av", "--out",
+    return [sys.executable, "-m", "shaspec_serving.cli", "train", "--task", "avmnist", "--data", f"{bucket}/av", "--out",
             f"{bucket}/run", "--preset", "avmnist-tiny", "--variant", "baseline", "--steps", str(STEPS),
             "--checkpoint-every", "1", "--batch-size", "4"]
 

@@ -408,7 +408,7 @@ def test_one_window_rule_and_one_gaussian_in_the_tree():
     """The window-start rule and the Gaussian weights are defined once (shaspec_tf/inference/window.py); the
     sliding window code itself is backend-free (keras.ops only)."""
     rule, gaussian = [], []
-    for folder in ("shaspec_tf", "benchmarks", "serving", "components", "pipeline", "scripts"):
+    for folder in ("shaspec_tf", "benchmarks", "shaspec_serving", "components", "pipeline", "scripts"):
         for root, _, files in os.walk(os.path.join(REPO, folder)):
             for name in files:
                 if name.endswith(".py"):

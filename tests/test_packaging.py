@@ -21,14 +21,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-APPS = ("pipeline", "components", "serving")
+APPS = ("pipeline", "components", "shaspec_serving")
 OURS = ("shaspec_tf",) + APPS
 ENTRYPOINT = ["python", "-m", "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"]
 # Imports of the library that the base install leaves out, each with the extra that brings it (None: none does) and
 # why. Everything else it imports, at module level or in any function, must be in install_requires.
 OPTIONAL = {
     "apache_beam": ("pipeline", "`shaspec prepare brats` and the pipeline's example gens run Apache Beam"),
-    "nilearn": ("pipeline", "`shaspec prepare phantom`: the MNI152 anatomy; a one-line error names the extra"),
+    "nilearn": ("pipeline", "`shaspec prepare phantom`: the MNI152 anatomy, a one-line error names the extra; "
+                            "`shaspec evaluate`'s overlays, skipped with a one-line note without it"),
     "tensorflow_io": ("pipeline", "AV-MNIST audio other than 16-bit WAV at 8 kHz; a one-line error names the extra"),
     "google_crc32c": ("pipeline", "the checksums of the BraTS Beam writer's TFRecords (with apache-beam[gcp])"),
     "distributed": ("pipeline", "`shaspec prepare brats --runner DaskRunner` (apache-beam[dask]); one-line error"),
@@ -171,29 +172,33 @@ def _closure(requirements, extra=""):
 
 
 def test_the_apps_imports_come_with_their_extras(wheel, owners):
-    """serving/ holds the ``shaspec`` program: its module-level imports must be in the base install. pipeline/ and
+    """shaspec_serving/ holds the ``shaspec`` program: its module-level imports must be in the base install. pipeline/ and
     components/ run with the ``pipeline`` extra, whose dependencies (TFX's own among them) cover what they import."""
     declared = _declared(wheel[0])
     base = set(_closure(declared[""].values()))
-    for package, extras in (("serving", ("serving",)), ("pipeline", ("pipeline",)), ("components", ("pipeline",))):
+    for package, extras in (("shaspec_serving", ("serving",)), ("pipeline", ("pipeline",)),
+                             ("components", ("pipeline",))):
         reach = base.union(*[_closure(declared[e].values(), e) for e in extras])
         for name, where in _imports(package).items():
-            pool = base if (package == "serving" and where == "module") else reach
+            pool = base if (package == "shaspec_serving" and where == "module") else reach
             assert owners.get(name, set()) & pool, f"{package} imports {name} ({where} level), not in {extras}"
 
 
-def test_the_wheel_ships_the_program_and_what_the_compiled_pipeline_names(wheel):
+def test_the_wheel_ships_the_library_and_the_program_under_the_projects_names(wheel):
+    """``pip install shaspec-tf`` adds two top-level packages, both the project's (``shaspec_tf``, ``shaspec_serving``):
+    no generic name like ``pipeline`` or ``serving``. The TFX app (pipeline/, components/) is not installed; it runs
+    from the source tree, as TFX's templates do (the image puts /pipeline on PYTHONPATH, see the Dockerfile test)."""
     metadata, entry_points, names = wheel
     with open(os.path.join(REPO, "shaspec_tf", "__init__.py"), encoding="utf-8") as f:
         assert metadata["Version"] == re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
     script = re.search(r"^shaspec\s*=\s*([\w.]+):(\w+)$", entry_points, re.M)
     assert script, entry_points
     module = script.group(1).replace(".", "/") + ".py"
-    # the console script's module, the Trainer's run_fn, the executors and the runners named in the compiled spec
-    for path in (module, "shaspec_tf/__init__.py", "shaspec_tf/cli.py", "components/trainer_module.py",
-                 "components/example_gens.py", "components/evaluator.py", "pipeline/kubeflow_v2_runner.py"):
+    for path in (module, "shaspec_tf/__init__.py", "shaspec_tf/cli.py", "shaspec_serving/server.py",
+                 "shaspec_serving/README.md", "shaspec_serving/models.config"):
         assert path in names, path
-    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    tops = {n.split("/")[0] for n in names if "/" in n and not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"shaspec_tf", "shaspec_serving"}, tops
 
 
 # ----------------------------------------------------------------------------------- the pinned set and the image

@@ -18,8 +18,8 @@ import pytest
 from scipy import special
 
 import shaspec_tf
-from serving.cli import main  # the installed 'shaspec' program: the library's commands and 'serve'
-from serving.server import LocalServer
+from shaspec_serving.cli import main  # the installed 'shaspec' program: the library's commands and 'serve'
+from shaspec_serving.server import LocalServer
 from shaspec_tf.cli import main as library_main  # python -m shaspec_tf.cli: no 'serve', but 'predict --server'
 from shaspec_tf.serving_client import GrpcClient, RestClient, ServingError, segment_volume
 from shaspec_tf.data.toy import toy_case
@@ -298,7 +298,7 @@ def test_cli_errors_are_one_line(served, tmp_path, capsys):
 # Exposure, limits and malformed input
 # --------------------------------------------------------------------------------------------------------------
 def test_serve_defaults_to_loopback_and_safe_limits(tmp_path, monkeypatch, capsys):
-    import serving.server as server_module
+    import shaspec_serving.server as server_module
 
     for function in (server_module.LocalServer.__init__, server_module.serve):
         parameters = inspect.signature(function).parameters
@@ -308,7 +308,7 @@ def test_serve_defaults_to_loopback_and_safe_limits(tmp_path, monkeypatch, capsy
     calls = []
     monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: calls.append((args, kwargs)) or 0)
     base = str(tmp_path)
-    assert server_module.main(["--model-base", base]) == 0  # python -m serving.server
+    assert server_module.main(["--model-base", base]) == 0  # python -m shaspec_serving.server
     assert main(["serve", "--model-base", base]) == 0  # shaspec serve
     for args, kwargs in calls:
         assert args[3] == "127.0.0.1"
@@ -338,7 +338,7 @@ def test_serve_defaults_to_loopback_and_safe_limits(tmp_path, monkeypatch, capsy
 
 
 def test_an_exposed_host_logs_what_is_exposed(tmp_path, monkeypatch, caplog):
-    from serving.server import exposure_warning
+    from shaspec_serving.server import exposure_warning
 
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         assert exposure_warning(host, 8500, 8501) is None, host
@@ -355,7 +355,7 @@ def test_an_exposed_host_logs_what_is_exposed(tmp_path, monkeypatch, caplog):
         assert not [r for r in caplog.records if r.name == "shaspec.serving" and r.levelno >= logging.WARNING]
     finally:
         server.stop()
-    monkeypatch.setattr("serving.server._is_loopback", lambda host: False)
+    monkeypatch.setattr("shaspec_serving.server._is_loopback", lambda host: False)
     server = LocalServer(str(tmp_path), grpc_port=0, rest_port=0, host="127.0.0.1", poll_seconds=0).start()
     try:
         warnings = [r.getMessage() for r in caplog.records

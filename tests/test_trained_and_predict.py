@@ -116,7 +116,7 @@ def _nifti_inputs(folder, names=("flair", "t1ce"), shape=(40, 48, 44)):
 
 
 def test_predict_refuses_an_output_that_is_an_input_before_any_work(tmp_path, capsys):
-    from serving.client import predict_nifti_remote
+    from shaspec_serving.client import predict_nifti_remote
 
     paths = _nifti_inputs(tmp_path)
     flair = paths["flair"]

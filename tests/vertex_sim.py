@@ -43,6 +43,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 from shaspec_tf import fileio
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source tree the image holds at /pipeline
 PROJECT_NUMBER = "123456789"
 ARTIFACT_PREFIX = f"projects/{PROJECT_NUMBER}/locations/us-central1/metadataStores/default/artifacts/"
 _PLACEHOLDER = re.compile(r"\{\{\$[^}]*\}\}")
@@ -82,7 +83,10 @@ class VertexSimulator:
         self.root = (pipeline_root or job.get("runtimeConfig", {}).get("gcsOutputDirectory", "")).rstrip("/")
         if not self.root:
             raise ValueError(f"{spec_path}: no pipeline root (runtimeConfig.gcsOutputDirectory); pass pipeline_root")
-        self.env = {**os.environ, **(env or {})}
+        # The image puts the source tree on PYTHONPATH (Dockerfile): the TFX app is not installed, and the spec names
+        # its modules (components.trainer_module.run_fn, the executors). Here the tree is this repository.
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.python = python
         self.workdir = workdir or tempfile.mkdtemp(prefix="vertex-sim-")    # local: logs, working directories
         os.makedirs(self.workdir, exist_ok=True)

@@ -1,6 +1,6 @@
 """A local, pure-TensorFlow stand-in for TensorFlow Serving: the same gRPC and REST APIs, from the same folders.
 
-    python -m serving.server --model-base BASE [--grpc-port 8500] [--rest-port 8501] [--poll-seconds 2]
+    python -m shaspec_serving.server --model-base BASE [--grpc-port 8500] [--rest-port 8501] [--poll-seconds 2]
                              [--host 127.0.0.1] [--max-request-bytes 1GiB] [--read-timeout 30]
     shaspec serve --model-base BASE ...                                   (the same)
 
@@ -1000,7 +1000,7 @@ def serve(model_base: str, grpc_port: Optional[int] = 8500, rest_port: Optional[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shaspec_serving.server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-base", required=True)
     parser.add_argument("--grpc-port", type=int, default=8500)
@@ -1024,7 +1024,7 @@ def main(argv=None) -> int:
         return serve(args.model_base, args.grpc_port, args.rest_port, args.host, args.poll_seconds,
                      max_request_bytes=args.max_request_bytes, read_timeout_s=args.read_timeout)
     except (OSError, ValueError) as error:  # bad input: one line, no traceback
-        print(f"serving.server: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
+        print(f"shaspec_serving.server: error: {_one_line(error) or type(error).__name__}", file=sys.stderr)
         return 2
 
 

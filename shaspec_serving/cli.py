@@ -4,7 +4,7 @@
                   [--max-request-bytes 1GiB] [--read-timeout 30]
     shaspec COMMAND ...            every library command (demo, info, prepare, train, evaluate, predict, export)
 
-The console script ``shaspec`` (setup.py) runs :func:`main`; ``python -m serving.cli`` is the same program. The
+The console script ``shaspec`` (setup.py) runs :func:`main`; ``python -m shaspec_serving.cli`` is the same program. The
 library knows nothing of this module: the dependency goes from the app to the library only, and the app hands its
 commands to :func:`shaspec_tf.cli.main` (see :class:`shaspec_tf.cli.Command`).
 """
@@ -33,9 +33,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args, extra) -> int:
-    """``shaspec serve``: :func:`serving.server.serve` in the foreground, its log (INFO) on stderr."""
+    """``shaspec serve``: :func:`shaspec_serving.server.serve` in the foreground, its log (INFO) on stderr."""
     try:
-        from serving.server import serve
+        from shaspec_serving.server import serve
     except ImportError as error:
         raise OSError(f"serving needs the 'serving' extras (pip install -e .[serving]): {error}") from error
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
