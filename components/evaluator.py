@@ -12,8 +12,10 @@ The thresholds have no defaults here: they come from the pipeline config (``pipe
 ``split`` (default: the task's evaluation split) and ``overlap`` (default: ``shaspec_tf.inference``'s).
 
 The ``evaluation`` artifact holds the candidate's report (``metrics.json``, ``metrics.csv``, ``metrics.md``,
-``heatmap.png``; ``shaspec_tf.evaluation.write_reports``), the baseline's beside it and a side-by-side comparison when
-there is one, and ``verdict.json``. The ``blessing`` artifact carries the properties the Pusher and the resolver read
+``heatmap.png``, and for segmentation ``overlays/<case>.png``: the reference, full-set and worst-subset label maps
+over the MRI of the first cases, listed in ``metrics.md``; ``shaspec_tf.evaluation.write_reports``, HD95 as the
+official BraTS evaluation package computes it), the baseline's beside it and a side-by-side comparison when there is
+one, and ``verdict.json``. The ``blessing`` artifact carries the properties the Pusher and the resolver read
 (``blessed``, ``current_model``, ``current_model_id``) and a ``BLESSED`` or ``NOT_BLESSED`` file, as TFX's Evaluator.
 Every file goes through :mod:`shaspec_tf.fileio`, so the artifacts may live on ``gs://`` (Kubeflow, Vertex AI).
 """

@@ -175,7 +175,8 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     from shaspec_tf.tasks import all_tasks
 
     ev = sub.add_parser("evaluate", help="score trained models on every modality subset (metrics.json, CSV, "
-                                         "Markdown, heat-map; several --model side by side)")
+                                         "Markdown, heat-map, segmentation overlays; HD95 as the official BraTS "
+                                         "package computes it; several --model side by side)")
     ev.add_argument("--model", action="append", required=True,
                     help="a 'shaspec train' output folder or a .keras file (repeatable; paths may be gs:// URIs)")
     ev.add_argument("--data", required=True, help="a 'shaspec prepare' output folder")
@@ -183,6 +184,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     ev.add_argument("--split", help="default: the task's evaluation split (" + ", ".join(
         f"{t.eval_split} for {t.name}" for t in all_tasks()) + ")")
     inference_options(ev)
+    ev.add_argument("--overlay-cases", type=int, default=3,
+                    help="segmentation: draw the reference, full-set and worst subsets' labels over FLAIR for this "
+                         "many cases (overlays/<case>.png; 0: none; default 3)")
     ev.set_defaults(func=cmd.evaluate)
 
     pr = sub.add_parser("predict", help="segment one case from any non-empty subset of its sequences, with a local "

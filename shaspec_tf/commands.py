@@ -212,9 +212,11 @@ def evaluate(args, extra) -> int:
     results = {}
     for name, model_dir in zip(names, args.model):
         results[name] = evaluate_trained(model_dir, args.data, split=args.split, roi_size=roi, overlap=args.overlap,
-                                         tta=args.tta, postprocess=args.postprocess)
-    write_report_folder(results, args.out, titles={name: f"{name} on {args.data}" for name in names},
-                        comparison_title=f"Models on {args.data}")
+                                         tta=args.tta, postprocess=args.postprocess,
+                                         overlay_cases=args.overlay_cases)
+    written = write_report_folder(results, args.out, titles={name: f"{name} on {args.data}" for name in names},
+                                  comparison_title=f"Models on {args.data}")
+    from shaspec_tf.overlays import OVERLAY_FOLDER
     from shaspec_tf.tasks import get_task
 
     for name in names:
@@ -223,6 +225,10 @@ def evaluate(args, extra) -> int:
         print(f"{name}: mean over subsets " + ", ".join(
             f"{c} {scoring.value(mean, c, scoring.headline) * 100:.2f}" for c in results[name]["columns"])
             + f"; reports in {fileio.absolute(out)}")
+        overlays = [key.split(":", 1)[1] for key in written[name] if key.startswith("overlay:")]
+        if overlays:
+            print(f"{name}: segmentation overlays (reference, full set, worst subsets) of {', '.join(overlays)} in "
+                  f"{fileio.join(fileio.absolute(out), OVERLAY_FOLDER)}")
     if len(names) > 1:
         print(f"side-by-side comparison in {fileio.join(fileio.absolute(args.out), 'comparison.md')}")
     return 0

@@ -33,6 +33,10 @@ import numpy as np
 
 from shaspec_tf import fileio
 from shaspec_tf.data.masks import resolve_subsets
+from shaspec_tf.figures import heatmap_panel, new_figure, save_figure
+from shaspec_tf.metrics import HD95_DEFAULT_METHOD
+from shaspec_tf.overlays import (OVERLAY_CASES, OVERLAY_FOLDER, OVERLAY_KEY, OverlayKeeper, markdown_section,
+                                 write_overlays)
 from shaspec_tf.taskspec.registry import all_tasks, get_task
 from shaspec_tf.scoring import ACCURACY_POLICY, MEAN_KEY, MEAN_POLICY, csv_cell, fmt  # noqa: F401 (re-export)
 
@@ -62,7 +66,7 @@ def _case_id(index: int, case, seen: set) -> str:
 def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterable, modalities: Sequence[str],
                      subsets=None, progress: bool = True, task: str = "segmentation", spacing=None,
                      empty_penalty: float | None = None, regions: Mapping | None = None,
-                     hd_method: str = "max") -> dict:
+                     hd_method: str = HD95_DEFAULT_METHOD, overlay_cases: int = OVERLAY_CASES) -> dict:
     """Score ``predict_fn`` on every case under every modality subset.
 
     Args:
@@ -82,14 +86,19 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         empty_penalty: HD95 when exactly one of prediction/reference is empty (default ``None``: NaN, left out of the
             means and counted under ``"hd95_undefined"``).
         regions: region name -> label values (default: the task's, for BraTS ET {4}, WT {1, 2, 4}, TC {1, 4}).
-        hd_method: ``"pooled"`` or ``"max"``, see :func:`shaspec_tf.metrics.hd95`.
+        hd_method: ``"pooled"`` (default: the official BraTS evaluation package's HD95) or ``"max"`` (MONAI's),
+            see :func:`shaspec_tf.metrics.hd95`.
+        overlay_cases: segmentation with an ``"image"`` per case: keep, for this many first cases, a few axial
+            slices of the image, reference and every subset's prediction (left out of the JSON reports) for
+            :func:`write_reports`' overlay pictures (:mod:`shaspec_tf.overlays`); 0: none.
 
     Returns:
         A JSON-friendly dict: ``"summary"`` maps each subset name (``all_subsets`` order) and ``"mean"`` to the metrics
         (``{"ET": {"dice", "hd95"}, "WT": ..., "TC": ...}`` or ``{"accuracy"}``); ``"per_case"`` maps subset ->
         case id -> metrics; plus ``"task"``, ``"modalities"``, ``"subsets"``, ``"columns"`` (regions or
         ``["accuracy"]``), ``"metrics"``, ``"case_ids"``, ``"n_cases"``, ``"hd95_undefined"`` (subset -> region ->
-        number of cases left out of the HD95 mean), ``"policy"`` (the empty-mask and averaging rules, as text).
+        number of cases left out of the HD95 mean), ``"policy"`` (the empty-mask and averaging rules, as text);
+        and ``"overlay_slices"`` (NumPy arrays, not JSON) when ``overlay_cases`` kept any.
     """
     task = get_task(task)
     scoring = task.scoring
@@ -101,6 +110,7 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
     regions = dict(scoring.default_regions() if regions is None else regions)
     columns = scoring.columns(regions)
     per_case = {name: {} for name in names}
+    keeper = OverlayKeeper(overlay_cases, task.kind, modalities, regions)
     case_ids: list = []
     seen: set = set()
     total = len(cases) if hasattr(cases, "__len__") else None
@@ -109,8 +119,10 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         case_id = _case_id(index, case, seen)
         case_ids.append(case_id)
         tick = time.time()
+        keeper.start(index, case_id, case, spacing)
         for name, mask in chosen:
             prediction = predict_fn(case, mask.copy())
+            keeper.keep(name, prediction)
             try:
                 per_case[name][case_id] = scoring.score_case(prediction, case, spacing=spacing,
                                                              empty_penalty=empty_penalty, regions=regions,
@@ -129,9 +141,11 @@ def evaluate_subsets(predict_fn: Callable[[Any, np.ndarray], Any], cases: Iterab
         print(f"evaluated {len(case_ids)} cases x {len(names)} subsets in {time.time() - start:.1f} s",
               file=sys.stderr, flush=True)
     policy = {"mean": MEAN_POLICY, **scoring.policy(empty_penalty, hd_method, regions)}
-    return {"task": task.kind, "modalities": list(modalities), "subsets": names, "columns": columns,
-            "metrics": list(scoring.metrics), "case_ids": case_ids, "n_cases": len(case_ids), "summary": summary,
-            "per_case": per_case, "hd95_undefined": undefined, "empty_penalty": empty_penalty, "policy": policy}
+    results = {"task": task.kind, "modalities": list(modalities), "subsets": names, "columns": columns,
+               "metrics": list(scoring.metrics), "case_ids": case_ids, "n_cases": len(case_ids), "summary": summary,
+               "per_case": per_case, "hd95_undefined": undefined, "empty_penalty": empty_penalty, "policy": policy}
+    kept = keeper.result()
+    return results if kept is None else {**results, OVERLAY_KEY: kept}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -177,11 +191,6 @@ def _write_csv(path: str, rows) -> None:
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows(rows)
     fileio.atomic_write(path, buffer.getvalue().encode("utf-8"))
-
-
-def _save_figure(fig, path: str) -> None:
-    with fileio.atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -255,32 +264,6 @@ def _csv_columns(results) -> list:
 # Figures
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _heatmap_panel(fig, ax, matrix, row_labels, col_labels, title, cmap, vmin, vmax, fmt, colorbar_label,
-                   mean_row: bool = True, colorbar: bool = True):
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(col_labels)), labels=col_labels)
-    ax.set_yticks(range(len(row_labels)), labels=row_labels)
-    ax.tick_params(axis="x", top=True, bottom=False, labeltop=True, labelbottom=False)
-    ax.set_title(title, fontsize=10, pad=22)
-    cmap_obj = image.get_cmap()
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            value = matrix[i, j]
-            if math.isnan(value):
-                ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="black")
-                continue
-            rgba = cmap_obj(image.norm(value))
-            luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
-            ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
-                    color="black" if luminance > 0.55 else "white")
-    if mean_row and len(row_labels) > 1:
-        ax.axhline(len(row_labels) - 1.5, color="black", linewidth=1.5)
-    if colorbar:
-        bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
-        bar.set_label(colorbar_label)
-    return image
-
-
 def _score_matrix(results) -> tuple:
     """Rows: subsets + Average; columns: region Dice or accuracy, in %."""
     scoring = _scoring(results)
@@ -290,19 +273,13 @@ def _score_matrix(results) -> tuple:
     return matrix, [_row_label(k) for k in keys], scoring.headline_labels(columns), scoring.headline_title
 
 
-def _new_figure(width: float, rows: int):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, 0.36 * rows + 1.6), dpi=150, layout="constrained")
-
-
 def _save_heatmap(results, path: str, title: str) -> None:
     matrix, rows, cols, label = _score_matrix(results)
-    fig = _new_figure(2.6 + 1.1 * len(cols), len(rows))
+    fig = new_figure(2.6 + 1.1 * len(cols), len(rows))
     ax = fig.add_subplot(1, 1, 1)
-    _heatmap_panel(fig, ax, matrix, rows, cols, title, "viridis", 0.0, 100.0, "{:.1f}", label)
+    heatmap_panel(fig, ax, matrix, rows, cols, title, "viridis", 0.0, 100.0, "{:.1f}", label)
     ax.set_ylabel("Available modalities")
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,6 +296,8 @@ def write_reports(results, out_dir: str, title: str = "Missing-modality evaluati
       ``metrics_per_case.csv``.
     * ``metrics.md``: the paper-style table (Dice/accuracy in %, 2 decimals) with the policies in its footer.
     * ``heatmap.png``: subsets x regions Dice (or accuracy) heat-map, values annotated.
+    * ``overlays/<case>.png`` when the results kept overlay slices (segmentation, :mod:`shaspec_tf.overlays`): the
+      reference, full-set and worst-subset segmentations over the MRI, listed at the end of ``metrics.md``.
 
     ``models``: other models' results (name -> results); when given, :func:`compare_models` also writes
     ``comparison.{md,csv,png}`` here, with these results called ``name``.
@@ -328,7 +307,7 @@ def write_reports(results, out_dir: str, title: str = "Missing-modality evaluati
              (("json", "metrics.json"), ("per_case_json", "metrics_per_case.json"), ("csv", "metrics.csv"),
               ("per_case_csv", "metrics_per_case.csv"), ("markdown", "metrics.md"), ("heatmap", "heatmap.png"))}
     _write_json(paths["json"], {key: results["summary"][key] for key in _row_keys(results)})
-    _write_json(paths["per_case_json"], {**results, "title": title})
+    _write_json(paths["per_case_json"], {**{k: v for k, v in results.items() if k != OVERLAY_KEY}, "title": title})
 
     columns = _csv_columns(results)
     rows = [["subset", *results["modalities"], *[c[0] for c in columns]]]
@@ -342,7 +321,11 @@ def write_reports(results, out_dir: str, title: str = "Missing-modality evaluati
     header, rows = _scoring(results).per_case_rows(results)
     _write_csv(paths["per_case_csv"], [header, *rows])
 
-    fileio.atomic_write(paths["markdown"], markdown_report(results, title).encode("utf-8"))
+    overlays = write_overlays(results, out_dir)
+    paths.update({f"overlay:{case_id}": path for case_id, path in overlays.items()})
+    listed = {case_id: f"{OVERLAY_FOLDER}/{fileio.basename(path)}" for case_id, path in overlays.items()}
+    fileio.atomic_write(paths["markdown"], (markdown_report(results, title) + markdown_section(results, listed))
+                        .encode("utf-8"))
     _save_heatmap(results, paths["heatmap"], title)
     if models:
         paths.update({f"comparison_{k}": v for k, v in
@@ -417,20 +400,20 @@ def compare_models(models: Mapping[str, dict], out_dir: str, title: str = "Model
     panels = [(n, *_score_matrix(ordered[n])) for n in names]
     count = len(panels) + (1 if len(names) == 2 else 0)
     width_per = 2.6 + 1.1 * len(first["columns"])
-    fig = _new_figure(width_per * count, len(keys))
+    fig = new_figure(width_per * count, len(keys))
     for k, (n, matrix, rows, cols, label) in enumerate(panels):
         ax = fig.add_subplot(1, count, k + 1)
-        _heatmap_panel(fig, ax, matrix, rows if k == 0 else [""] * len(rows), cols, n, "viridis", 0.0, 100.0,
+        heatmap_panel(fig, ax, matrix, rows if k == 0 else [""] * len(rows), cols, n, "viridis", 0.0, 100.0,
                        "{:.1f}", label, colorbar=k == len(panels) - 1)
     if len(names) == 2:
         diff = panels[0][1] - panels[1][1]
         finite = np.abs(diff[np.isfinite(diff)])
         limit = max(float(finite.max()) if finite.size else 0.0, 1.0)
         ax = fig.add_subplot(1, count, count)
-        _heatmap_panel(fig, ax, diff, [""] * len(keys), panels[0][3], f"{names[0]} − {names[1]}", "RdBu", -limit,
+        heatmap_panel(fig, ax, diff, [""] * len(keys), panels[0][3], f"{names[0]} − {names[1]}", "RdBu", -limit,
                        limit, "{:+.1f}", "difference (points)")
     fig.suptitle(title, fontsize=11)
-    _save_figure(fig, paths["heatmap"])
+    save_figure(fig, paths["heatmap"])
     return paths
 
 

@@ -34,13 +34,32 @@ def region_dice(logits, regions, names=None, threshold: float = 0.0) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 HD95_EMPTY_POLICY = ("HD95: both masks empty -> 0 mm; exactly one mask empty -> undefined (NaN, left out of means) "
-                     "unless a fixed penalty is given (e.g. 373.13 mm, the BraTS challenge tools' value)")
-HD95_METHOD = ("HD95: the larger of the two directed 95th percentiles (linear interpolation) of the surface-to-surface "
-               "distances in mm (the MONAI / BraTS convention); surface = mask voxels with a face neighbour outside "
-               "the mask")
-HD95_POOLED_METHOD = ("HD95: 95th percentile (linear interpolation) of the surface-to-surface distances in mm, both "
-                      "directions pooled (the medpy `hd95` convention)")
-BRATS_CHALLENGE_HD95_PENALTY = 373.12866  # mm: the BraTS tools' value when exactly one of prediction/reference is empty
+                     "unless a fixed penalty is given (e.g. 373.13 mm, the diagonal of the 240 x 240 x 155 BraTS "
+                     "volume; the official BraTS package reports 373)")
+HD95_METHODS = ("pooled", "max")
+HD95_DEFAULT_METHOD = "pooled"
+HD95_POOLED_METHOD = ("HD95 (pooled, the convention of the official BraTS evaluation package `brats-evaluation` / "
+                      "panoptica, and of medpy's `hd95`): the 95th percentile (linear interpolation) of the "
+                      "surface-to-surface distances in mm of both directions pooled; surface = mask voxels with a face "
+                      "neighbour outside the mask")
+HD95_MAX_METHOD = ("HD95 (max, the convention of MONAI's `compute_hausdorff_distance(percentile=95)`): the larger of "
+                   "the two directed 95th percentiles (linear interpolation) of the surface-to-surface distances in "
+                   "mm; surface = mask voxels with a face neighbour outside the mask")
+HD95_METHOD = HD95_POOLED_METHOD  # the default's text
+
+
+def hd95_method_text(method: str) -> str:
+    """The report line that says which HD95 convention ``method`` is."""
+    return {"pooled": HD95_POOLED_METHOD, "max": HD95_MAX_METHOD}[_check_method(method)]
+
+
+def _check_method(method: str) -> str:
+    if method not in HD95_METHODS:
+        raise ValueError(f"HD95 method must be one of {', '.join(HD95_METHODS)}, got {method!r}")
+    return method
+
+
+BRATS_CHALLENGE_HD95_PENALTY = 373.12866  # mm: the 240 x 240 x 155 volume's diagonal, for exactly one mask empty
 
 # BRATS_LABEL_REGIONS (BraTS 2018-2021 label maps: 1 = necrotic/non-enhancing core, 2 = oedema, 4 = enhancing
 # tumour) and BRATS2023_LABEL_REGIONS (3 = enhancing tumour) are the BraTS task's, imported above.
@@ -94,24 +113,29 @@ def _spacing(spacing, ndim: int) -> tuple:
 
 
 def hd95(prediction, reference, spacing=(1.0, 1.0, 1.0), empty_penalty: float | None = None,
-         percentile: float = 95.0, method: str = "max") -> float:
+         percentile: float = 95.0, method: str = HD95_DEFAULT_METHOD) -> float:
     """95th-percentile Hausdorff distance between two binary masks, in millimetres (the units of ``spacing``).
 
     Surfaces are the boundary voxels of each mask (mask voxels with a face neighbour outside the mask); every surface
     voxel of one mask gets the Euclidean distance (``distance_transform_edt`` with ``sampling=spacing``) to the nearest
     surface voxel of the other.
 
-    ``method="max"`` (default): the larger of the two directed 95th percentiles (NumPy's linear interpolation), as
-    MONAI's ``compute_hausdorff_distance(percentile=95)`` and the BraTS tools do. ``method="pooled"``: both
-    directions' distances are pooled and the 95th percentile taken over the pool (medpy's ``hd95``; Google DeepMind's
-    ``surface-distance`` also takes the larger directed value, but weights each surface element by its area, so its
-    numbers differ slightly again). ``"max"`` is never smaller than ``"pooled"``; both are symmetric in their arguments.
+    ``method="pooled"`` (default): the distances of both directions are pooled and one 95th percentile (NumPy's
+    linear interpolation) taken over the pool, as the official BraTS evaluation package does (``brats-evaluation``
+    on PyPI, whose global HD95 is panoptica's, the same formula as medpy's ``hd95``; pinned to that package's
+    numbers in ``tests/test_metrics_official.py``). ``method="max"``: the larger of the two directed 95th
+    percentiles, MONAI's ``compute_hausdorff_distance(percentile=95)`` convention. ``"max"`` is never smaller than
+    ``"pooled"``; both are symmetric in their arguments.
+
+    The official package differs from this function only around the formula: its global HD95 is in voxels whatever
+    the voxel spacing (this function uses ``spacing``: the same on 1 mm BraTS data); two non-empty masks with no
+    voxel in common score infinite there (373 in its tables), their real distance here; exactly one mask empty is
+    infinite (373) there, ``NaN`` or ``empty_penalty`` here; both empty is ``NaN`` there, 0 here.
 
     Empty policy (:data:`HD95_EMPTY_POLICY`): both masks empty -> ``0.0``; exactly one empty -> ``NaN`` (undefined),
     or ``empty_penalty`` when given (e.g. :data:`BRATS_CHALLENGE_HD95_PENALTY` = 373.13 mm, or the volume diagonal).
     """
-    if method not in ("pooled", "max"):
-        raise ValueError(f"method must be 'pooled' or 'max', got {method!r}")
+    _check_method(method)
     if not 0.0 <= percentile <= 100.0:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     p = np.asarray(prediction, dtype=bool)
@@ -138,12 +162,13 @@ def region_masks(labels, regions=None) -> dict:
 
 
 def region_metrics(labels_pred, labels_true, spacing=(1.0, 1.0, 1.0), empty_penalty: float | None = None,
-                   regions=None, hd_method: str = "max") -> dict:
+                   regions=None, hd_method: str = HD95_DEFAULT_METHOD) -> dict:
     """Dice and HD95 per BraTS region of two label maps (uint8 with values {0, 1, 2, 4}).
 
     Returns ``{"ET": {"dice": ..., "hd95": ...}, "WT": {...}, "TC": {...}}`` with WT = {1, 2, 4}, TC = {1, 4},
     ET = {4} (pass ``regions=BRATS2023_LABEL_REGIONS`` for the BraTS 2023 labels, where ET = 3). Dice follows
-    :data:`BRATS_EMPTY_POLICY` (empty vs empty = 1, empty vs non-empty = 0); HD95 follows :data:`HD95_EMPTY_POLICY`.
+    :data:`BRATS_EMPTY_POLICY` (empty vs empty = 1, empty vs non-empty = 0); HD95 follows :data:`HD95_EMPTY_POLICY`
+    and ``hd_method`` (:func:`hd95`: ``"pooled"``, the official BraTS package's, or ``"max"``, MONAI's).
     """
     pred = np.asarray(labels_pred)
     true = np.asarray(labels_true)

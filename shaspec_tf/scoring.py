@@ -145,11 +145,11 @@ class RegionScoring(Scoring):
         return summary, undefined
 
     def policy(self, empty_penalty, hd_method: str, regions: Mapping) -> dict:
-        from shaspec_tf.metrics import BRATS_EMPTY_POLICY, HD95_EMPTY_POLICY, HD95_METHOD, HD95_POOLED_METHOD
+        from shaspec_tf.metrics import BRATS_EMPTY_POLICY, HD95_EMPTY_POLICY, hd95_method_text
 
         return dict(dice=BRATS_EMPTY_POLICY, hd95=HD95_EMPTY_POLICY if empty_penalty is None else
                     f"HD95: both masks empty -> 0 mm; exactly one mask empty -> {empty_penalty:g} mm",
-                    hd95_method=HD95_METHOD if hd_method == "max" else HD95_POOLED_METHOD,
+                    hd95_method=hd95_method_text(hd_method), hd95_convention=hd_method,
                     regions={r: list(v) for r, v in regions.items()})
 
     def value(self, row: dict, column: str, metric: str) -> float:

@@ -63,14 +63,15 @@ def _corrupt_records(files, error: BaseException) -> ValueError:
 
 def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None, roi_size=None,
                      overlap: Optional[float] = None, tta: bool = False, postprocess: bool = False, subsets=None,
-                     batch_size: int = 256) -> dict:
+                     batch_size: int = 256, overlay_cases: Optional[int] = None) -> dict:
     """Score a trained model on every modality subset of a prepared split (default: its task's evaluation split,
     BraTS ``eval``, AV-MNIST ``test``), the way its task evaluates (:meth:`shaspec_tf.tasks.Task.evaluate_model`).
 
     BraTS: sliding-window inference over each whole (cropped) case (window: ``roi_size``, default the training crop;
     ``overlap``: default the inference module's), labels in BraTS values, Dice and HD95 per region in mm; only cases
     with every modality enter the subset matrix (others are listed under ``"skipped"``). AV-MNIST: accuracy per
-    subset, ``batch_size`` samples per forward pass.
+    subset, ``batch_size`` samples per forward pass. ``overlay_cases``: segmentation, how many cases' predictions to keep
+    for the overlay pictures of :func:`shaspec_tf.evaluation.write_reports` (``None``: its default, 0: none).
 
     A corrupt or truncated TFRecord file is a one-line ``ValueError`` naming the file and record.
     """
@@ -84,6 +85,7 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     files = split_files(data_dir, split, task.name)
     try:
         return task.evaluate_model(model, files, roi_size=roi_size, overlap=overlap, tta=tta,
-                                   postprocess=postprocess, subsets=subsets, batch_size=batch_size)
+                                   postprocess=postprocess, subsets=subsets, batch_size=batch_size,
+                                   overlay_cases=overlay_cases)
     except tf.errors.DataLossError as error:
         raise _corrupt_records(files, error) from error

@@ -3,6 +3,7 @@ protocol (``shaspec_tf.data.avmnist``); scored by accuracy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from shaspec_tf.tasks.base import FeatureRule, Task, TrainDefaults
 from shaspec_tf.scoring import AccuracyScoring
@@ -40,8 +41,9 @@ class AvMnistTask(Task):
         return data.repeat().skip(start_step)
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap=None, tta: bool = False,
-                       postprocess: bool = False, subsets=None, batch_size: int = 256) -> dict:
-        """Accuracy per subset over every sample of ``files`` (the inference options do not apply)."""
+                       postprocess: bool = False, subsets=None, batch_size: int = 256,
+                       overlay_cases: Optional[int] = None) -> dict:
+        """Accuracy per subset over every sample of ``files`` (the inference options and overlays do not apply)."""
         import numpy as np
 
         from shaspec_tf.data.input import avmnist_dataset

@@ -161,8 +161,10 @@ class Task:
         return {}
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap: Optional[float] = None, tta: bool = False,
-                       postprocess: bool = False, subsets=None, batch_size: int = 256) -> dict:
-        """:func:`shaspec_tf.evaluation.evaluate_subsets` results of ``model`` on the records of ``files``."""
+                       postprocess: bool = False, subsets=None, batch_size: int = 256,
+                       overlay_cases: Optional[int] = None) -> dict:
+        """:func:`shaspec_tf.evaluation.evaluate_subsets` results of ``model`` on the records of ``files``
+        (``overlay_cases``: how many cases' segmentations to keep for the overlay pictures; ``None``: the default)."""
         raise NotImplementedError(f"task {self.name!r} cannot evaluate a model on records")
 
     # -- export (TF Serving) ----------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class BratsTask(Task):
         return options
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap: Optional[float] = None, tta: bool = False,
-                       postprocess: bool = False, subsets=None, batch_size: int = 256) -> dict:
+                       postprocess: bool = False, subsets=None, batch_size: int = 256,
+                       overlay_cases: Optional[int] = None) -> dict:
         """Sliding-window inference over each whole (cropped) case, labels in BraTS values, Dice and HD95 per region
         in mm; only labelled cases with every modality enter the subset matrix (the others are listed under
         ``"skipped"``)."""
@@ -89,14 +90,15 @@ class BratsTask(Task):
                     skipped.append(record.case_id)
                     continue
                 yield {"case_id": record.case_id, "image": record.image, "labels": record.label,
-                       "spacing": tuple(record.spacing)}
+                       "spacing": tuple(record.spacing), "affine": record.affine}
 
         def predict(case, mask):
             prob = sliding_window_predict(model, case["image"], mask, tta_flips=tta, **options)
             labels = probabilities_to_labels(prob)
             return postprocess_labels(labels) if postprocess else labels
 
-        results = evaluate_subsets(predict, cases(), model.modalities, subsets=subsets, task=self.name)
+        overlays = {} if overlay_cases is None else {"overlay_cases": overlay_cases}
+        results = evaluate_subsets(predict, cases(), model.modalities, subsets=subsets, task=self.name, **overlays)
         results["skipped"] = skipped
         return results
 
