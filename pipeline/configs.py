@@ -52,6 +52,7 @@ class TaskConfig:
     warmup_steps: Optional[int] = None
     ramp_steps: Optional[int] = None
     drop_rate: Optional[float] = None
+    drop_probs: Optional[dict] = None           # modality -> probability of leaving it out (instead of drop_rate)
     learning_rate: Optional[float] = None
     schedule: Optional[str] = None
     optimizer: Optional[str] = None

@@ -137,7 +137,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     tr.add_argument("--data", required=True, help="the output folder of 'shaspec prepare'")
     tr.add_argument("--out", required=True)
     tr.add_argument("--preset", help="model preset (default: {task_preset})")
-    tr.add_argument("--variant", choices=("shaspec", "baseline"), help="default: {variant}")
+    tr.add_argument("--variant", choices=("shaspec", "baseline", "concat"),
+                    help="baseline: the shared encoder alone on zero-filled inputs; concat (classifiers): one "
+                         "encoder per modality, features concatenated (default: {variant})")
     length = tr.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int)
     length.add_argument("--epochs", type=int)
@@ -152,6 +154,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
                                                    "{ramp_steps})")
     tr.add_argument("--drop-rate", type=float,
                     help="probability that a sample's modalities are dropped (default: {task_drop_rate})")
+    tr.add_argument("--drop-probs", metavar="MODALITY=P,...",
+                    help="independent dropout per modality instead of --drop-rate's law, e.g. audio=0.5,image=0.2 "
+                         "(unnamed modalities: 0; a sample always keeps one)")
     tr.add_argument("--lr", type=float, help="default: {task_learning_rate}")
     tr.add_argument("--schedule", choices=("poly", "cosine", "constant"), help="default: {schedule}")
     tr.add_argument("--optimizer", choices=("sgd", "adam"), help="default: {task_optimizer}")

@@ -178,8 +178,18 @@ def train(args, extra) -> int:
             crop = tuple(int(v) for v in args.crop.split(","))
         except ValueError:
             raise ValueError(f"--crop must be three integers D,H,W, got {args.crop!r}") from None
+    probs = None
+    if args.drop_probs:
+        probs = {}
+        for item in args.drop_probs.split(","):
+            name, _, value = item.partition("=")
+            try:
+                probs[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--drop-probs takes MODALITY=P pairs separated by commas, got {args.drop_probs!r}"
+                                 ) from None
     options = dict(
-        preset=args.preset, variant=args.variant, steps=args.steps, epochs=args.epochs,
+        drop_probs=probs, preset=args.preset, variant=args.variant, steps=args.steps, epochs=args.epochs,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, crop_size=crop, regime=args.regime,
         subset=args.subset, warmup_steps=args.warmup_steps, ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
         learning_rate=args.lr, schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay,

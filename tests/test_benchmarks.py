@@ -113,16 +113,64 @@ def test_the_gpu_script_parses():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
-def test_phantom_learning_summary_averages_seeds_and_compares_per_region():
+def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions():
     from benchmarks import phantom_brats_learning as pbl
 
-    def mean(et, wt, tc, hd=None):
-        return {"ET": {"dice": et, "hd95": hd}, "WT": {"dice": wt, "hd95": 10.0}, "TC": {"dice": tc, "hd95": 20.0}}
+    def dice(et, wt, tc):
+        return {"ET": {"dice": et, "hd95": 1.0}, "WT": {"dice": wt, "hd95": 2.0}, "TC": {"dice": tc, "hd95": None}}
 
-    means = {"shaspec-seed0": mean(0.40, 0.50, 0.60, 5.0), "shaspec-seed1": mean(0.30, 0.50, 0.40),
-             "baseline-seed0": mean(0.30, 0.60, 0.50), "baseline-seed1": mean(0.30, 0.50, 0.50, 7.0)}
-    summary = pbl.summarise(means, [0, 1])
-    assert summary["shaspec"]["ET"] == {"dice": pytest.approx(0.35), "hd95": 5.0}  # undefined HD95 left out
-    assert summary["baseline"]["WT"]["dice"] == pytest.approx(0.55)
-    assert summary["shaspec_at_or_above_baseline"] == {"ET": True, "WT": False, "TC": True}
-    assert pbl.summarise(means, [1])["shaspec_at_or_above_baseline"] == {"ET": True, "WT": True, "TC": False}
+    summary = {"t1": dice(0.2, 0.5, 0.3), "flair": dice(0.4, 0.9, 0.5), "mean": dice(9, 9, 9)}
+    scores = pbl.scores_of(summary, ["t1", "flair"])
+    assert scores["ET"] == pytest.approx(30.0) and scores["WT"] == pytest.approx(70.0)
+    assert scores["t1"] == pytest.approx(100 / 3, abs=1e-4) and scores["mean"] == pytest.approx(140 / 3, abs=1e-4)
+    args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1))()
+    runs = pbl.runs(args)
+    assert [r.subsets for r in runs[2:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
+    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[2:])
+
+
+def test_study_statistics_and_paired_verdicts():
+    from benchmarks import study
+
+    mean, std = study.mean_std([90.0, 92.0, 94.0])
+    assert mean == pytest.approx(92.0) and std == pytest.approx(2.0)       # sample standard deviation (n - 1)
+    better = study.paired([95.0, 96.0, 97.0, 95.5, 96.5], [90.0, 92.0, 91.0, 90.5, 91.0])
+    assert better["verdict"] == "better" and better["p"] < 0.05 and better["diff_mean"] == pytest.approx(5.1)
+    noisy = study.paired([95.0, 90.0, 96.0, 89.0, 93.0], [93.0, 93.0, 92.0, 94.0, 91.0])
+    assert noisy["verdict"] == "tie" and noisy["p"] > 0.05
+    assert study.paired([90.0, 91.0], [92.0, 93.0])["verdict"] == "worse"   # the same difference on every seed
+    assert study.paired([90.0], [80.0])["verdict"] == "tie"                # one seed decides nothing
+
+
+def test_a_study_resumes_from_its_results_and_tables_them(tmp_path):
+    from benchmarks import study
+
+    runs = [study.Run("ref", {"drop_rate": 1.0}, label="reference"),
+            study.Run("other", {"drop_rate": 0.0}),
+            study.Run("dedicated", {"subset": "a"}, subsets=("a",))]
+    calls = []
+
+    def fake(run, seed, folder):
+        calls.append((run.name, seed))
+        base = {"ref": 90.0, "other": 80.0, "dedicated": 85.0}[run.name] + seed
+        return {"a": base, "a+b": base + 5} if run.subsets is None else {"a": base}
+
+    work = str(tmp_path / "work")
+    first = study.run_study(runs[:2], [0, 1, 2], work, fake, log=lambda m: None)
+    assert len(calls) == 6 and first["ref"][2] == {"a": 92.0, "a+b": 97.0}
+    calls.clear()
+    again = study.run_study(runs, [0, 1, 2], work, fake, log=lambda m: None)     # only the new run trains
+    assert calls == [("dedicated", 0), ("dedicated", 1), ("dedicated", 2)] and again["other"] == first["other"]
+    renamed = [study.Run("same-options", {"drop_rate": 0.0})]                    # results follow the options
+    assert study.run_study(renamed, [0], work, fake, log=lambda m: None)["same-options"][0] == first["other"][0]
+    summary = study.summarise(again, runs, reference="ref")
+    assert summary["runs"]["dedicated"]["a"]["mean"] == pytest.approx(86.0) and "a+b" not in summary["paired"][
+        "dedicated"]
+    assert summary["paired"]["other"]["a"]["verdict"] == "better"
+    lines = study.markdown_table(summary, runs, ["a", "a+b"])
+    assert lines[2].startswith("| **reference** | 91.00 ± 1.00 | 96.00 ± 1.00 |")
+    assert "(▲ +10.00)" in lines[3] and lines[4].endswith("| 86.00 ± 1.00 (▲ +5.00) |  |")
+    study.plot_study(summary, runs, ["a", "a+b"], str(tmp_path / "study.png"), "test")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(tmp_path / "study.png")).shape[2] in (3, 4)

@@ -182,4 +182,15 @@ def test_the_library_cli_points_app_commands_to_their_app(capsys):
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, captured
         assert captured.err.startswith("shaspec serve: error: 'serve' is the serving app's command: run the "
-                                       "installed 'shaspec' program or python -m serving.cli")
+                                       "installed 'shaspec' program or python -m shaspec_serving.cli")
+
+
+def test_train_drop_probs_option_is_checked_before_anything_is_written(tmp_path, capsys):
+    for value, message in (("audio=lots", "--drop-probs takes MODALITY=P pairs"),
+                           ("sound=0.5", "unknown modalities ['sound']")):
+        out = tmp_path / "run"
+        assert main(["train", "--task", "avmnist", "--data", str(tmp_path), "--out", str(out), "--epochs", "1",
+                     "--drop-probs", value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not out.exists()

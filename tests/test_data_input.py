@@ -92,6 +92,52 @@ def test_warmup_ramp_and_dedicated_subset():
     assert drop_modalities(full, 3, 0, fixed).numpy().tolist() == [0, 1, 0, 1]
 
 
+def test_per_modality_drop_probabilities_are_independent_and_never_empty():
+    full = tf.ones(2)
+    probs = ModalityDropout(probs=(0.1, 0.6))
+    masks = np.array([drop_modalities(full, i, 0, probs).numpy() for i in range(2000)])
+    assert np.all(masks.sum(1) >= 1)
+    # image absent only when drawn (0.1) and audio kept (0.4); audio absent when drawn (0.6): P(both drawn) = 0.06,
+    # when one of the two is kept at random
+    image_gone, audio_gone = 1 - masks.mean(0)
+    assert abs(image_gone - (0.1 * 0.4 + 0.06 / 2)) < 0.03 and abs(audio_gone - (0.6 * 0.9 + 0.06 / 2)) < 0.04
+    # a modality the sample lacks stays absent; with it, the survivor is the one present
+    partial = tf.constant([0.0, 1.0])
+    assert all(drop_modalities(partial, i, 0, ModalityDropout(probs=(0.0, 1.0))).numpy().tolist() == [0, 1]
+               for i in range(50))
+    # the warm-up holds every modality, as for the official law
+    warm = ModalityDropout(probs=(1.0, 1.0), warmup_steps=5)
+    assert all(drop_modalities(full, i, 0, warm).numpy().sum() == 2 for i in range(5))
+    assert all(drop_modalities(full, i, 0, warm).numpy().sum() == 1 for i in range(5, 30))
+    with pytest.raises(ValueError, match="one per modality"):
+        drop_modalities(full, 0, 0, ModalityDropout(probs=(0.5,)))
+
+
+def _avmnist_records(path, count, rng):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(count):
+            writer.write(avmnist_example(f"s{i}", rng.random((28, 28)), rng.normal(size=(20, 20)),
+                                         [1, 1], i % 10, "theo").SerializeToString())
+
+
+def test_avmnist_training_stream_counts_steps_across_passes(tmp_path):
+    """The dropout schedule runs over the whole training: with 8 samples in batches of 4, a warm-up of 3 steps
+    (12 samples) ends inside the second pass over the records, and the passes draw different masks (the stream
+    used to restart its step counter, and its draws, at every pass)."""
+    path = tmp_path / "train-00000-of-00001.tfrecord"
+    _avmnist_records(path, 8, np.random.default_rng(5))
+    stream = avmnist_dataset(str(path), batch_size=4, seed=1, dropout=ModalityDropout(rate=1.0, warmup_steps=3),
+                             repeat=True)
+    masks = [x["modality_mask"] for x, _ in take(stream, 8)]
+    assert all(m.sum() == 8 for m in masks[:3])             # steps 0-2: every modality (pass 1 and half of pass 2)
+    assert all(m.sum() < 8 for m in masks[3:])              # from step 3 on, dropout
+    later = np.concatenate(masks[4:8])
+    assert not np.array_equal(np.concatenate(masks[4:6]), np.concatenate(masks[6:8])), later
+    again = [x["modality_mask"] for x, _ in take(avmnist_dataset(str(path), batch_size=4, seed=1, repeat=True,
+                                                                 dropout=ModalityDropout(rate=1.0, warmup_steps=3)), 8)]
+    assert all(np.array_equal(a, b) for a, b in zip(masks, again))   # the same seed: the same stream
+
+
 def test_avmnist_dataset_round_trip(tmp_path):
     rng = np.random.default_rng(4)
     path = tmp_path / "test-00000-of-00001.tfrecord"

@@ -63,6 +63,26 @@ def test_baseline_segmenter_has_no_specific_branch():
     assert model.count_params() < shaspec_tf.build_segmenter("tiny").count_params()
 
 
+def test_concatenation_classifier_is_the_specific_encoders_and_the_head():
+    """The plain late-fusion model: one encoder per modality, no shared encoder, no auxiliary loss; an absent
+    modality's encoder sees zeros, so what that modality held cannot reach the logits."""
+    model = shaspec_tf.build_classifier("avmnist-tiny", variant="concat")
+    assert model.name == "concat_classifier_avmnist-tiny"
+    names = {layer.name for layer in model.layers}
+    assert {"image_trunk", "audio_trunk"} <= names and not any(n.startswith("shared") for n in names)
+    x = cls_inputs(np.random.default_rng(3), masks=[[1, 0], [1, 1], [0, 1]])
+    out = model(x)
+    assert set(out) == {"logits", "specific_features"} and tuple(out["logits"].shape) == (3, 10)
+    y = dict(x, audio=x["audio"] + 5.0)
+    changed = np.abs(to_numpy(model(y)["logits"]) - to_numpy(out["logits"])).max(axis=1)
+    assert changed[0] == 0.0 and changed[1] > 0 and changed[2] > 0     # audio absent in sample 0 only
+    terms = model.loss_terms(x, np.array([1, 2, 3]), out)
+    assert float(to_numpy(terms["alignment"])) == 0.0 and float(to_numpy(terms["domain"])) == 0.0
+    assert model.count_params() < shaspec_tf.build_classifier("avmnist-tiny").count_params()
+    with pytest.raises(ValueError, match="unknown variant 'concat' for the tiny preset"):
+        shaspec_tf.build_segmenter("tiny", variant="concat")
+
+
 @pytest.mark.parametrize("preset", ["avmnist", "avmnist-tiny"])
 def test_classifier_presets_output_shapes(preset):
     model = shaspec_tf.build_classifier(preset)

@@ -38,12 +38,18 @@ class ModalityDropout:
     ``rate`` is the probability that a sample is dropped at all; with ``ramp_steps`` it grows linearly from 0 to
     ``rate`` over that many batches (the curriculum the authors suggest); ``warmup_steps`` batches first keep every
     modality (the official two-stage schedule). ``subset`` fixes one mask for every sample (dedicated training).
+
+    ``probs`` (one per modality, in mask order) replaces the official law by independent per-modality dropout: each
+    present modality is left out with its own probability (sensors fail at different rates), scaled by the same
+    warm-up and ramp; when every present modality would go, one of them, chosen uniformly, stays. ``rate`` is then
+    not used.
     """
 
     rate: float = 1.0
     warmup_steps: int = 0
     ramp_steps: int = 0
     subset: Optional[Sequence[int]] = None
+    probs: Optional[Sequence[float]] = None
 
 
 def _uniform(seed, index, salt, shape=()):
@@ -57,12 +63,20 @@ def drop_modalities(mask, index, seed, dropout: ModalityDropout, batch_size: int
         fixed = tf.constant(dropout.subset, tf.float32)
         return fixed * mask
     step = tf.cast(index // batch_size, tf.float32)
-    rate = tf.constant(dropout.rate, tf.float32)
     if dropout.ramp_steps > 0:
-        rate = rate * tf.clip_by_value((step - dropout.warmup_steps) / dropout.ramp_steps, 0.0, 1.0)
+        schedule = tf.clip_by_value((step - dropout.warmup_steps) / dropout.ramp_steps, 0.0, 1.0)
     else:
-        rate = tf.where(step < dropout.warmup_steps, 0.0, rate)
+        schedule = tf.where(step < dropout.warmup_steps, 0.0, 1.0)
     m = mask.shape[0]
+    if dropout.probs is not None:
+        if len(dropout.probs) != m:
+            raise ValueError(f"modality drop probabilities {list(dropout.probs)} must give one per modality ({m})")
+        leave = _uniform(seed, index, 4, (m,)) < tf.constant(dropout.probs, tf.float32) * schedule
+        kept = mask * tf.cast(tf.logical_not(leave), tf.float32)
+        # every present modality drawn to go: keep one of them, uniformly (the smallest random key among them)
+        rescue = tf.one_hot(tf.argmin(tf.where(mask > 0, _uniform(seed, index, 5, (m,)), 2.0)), m, dtype=tf.float32)
+        return tf.where(tf.reduce_sum(kept) > 0, kept, rescue * mask)
+    rate = tf.constant(dropout.rate, tf.float32) * schedule
     present = tf.reduce_sum(mask)
     keep = tf.floor(_uniform(seed, index, 1) * present) + 1.0                        # k ~ U{1..present}
     order = tf.argsort(tf.where(mask > 0, _uniform(seed, index, 2, (m,)), 2.0))     # present ones first, shuffled
@@ -168,12 +182,15 @@ def brats_dataset(file_pattern, batch_size: int = 1, crop_size=(80, 160, 160), t
 
 def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, seed: int = 0,
                     dropout: Optional[ModalityDropout] = None, shuffle_buffer: int = 2048,
-                    audio_rate: Optional[float] = None) -> tf.data.Dataset:
+                    audio_rate: Optional[float] = None, repeat: bool = False) -> tf.data.Dataset:
     """AV-MNIST TFRecords -> ``({"image", "audio", "modality_mask"}, label)`` batches.
 
     ``audio_rate`` R keeps the audio of a fixed fraction R of the samples (chosen by a hash of the sample id, so the
     same samples every epoch) and marks it absent for the rest, on top of what the records hold (the builder's
-    ``--audio-rate`` does the same at build time, per class). ``dropout`` adds per-batch modality dropout."""
+    ``--audio-rate`` does the same at build time, per class). ``dropout`` adds per-batch modality dropout.
+    ``repeat`` (training): an endless stream, reshuffled every pass, whose element index (what the dropout's
+    warm-up, ramp and draws are keyed on) keeps counting across passes, so the schedule runs over the whole training
+    and every pass draws new masks."""
     files = fileio.glob(file_pattern) if isinstance(file_pattern, str) else list(file_pattern)
     if not files:
         raise FileNotFoundError(f"no TFRecords match {file_pattern}")
@@ -188,6 +205,8 @@ def avmnist_dataset(file_pattern, batch_size: int = 32, training: bool = True, s
         ds = ds.map(limit_audio, num_parallel_calls=AUTOTUNE)
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            ds = ds.repeat()
     if training and dropout is not None:
         def prepare(index, features):
             mask = drop_modalities(tf.cast(features["modality_mask"], tf.float32), index, seed, dropout, batch_size)

@@ -87,7 +87,7 @@ class ShaSpecModel(keras.Model):
         target = y["target"] if isinstance(y, dict) else y
         task = self.task_loss(target, y_pred)
         c = self.shaspec_config
-        if c["variant"] == "baseline":
+        if c["variant"] != "shaspec":
             zero = keras.ops.zeros(())
             return {"total": task, "task": task, "alignment": zero, "domain": zero}
         return losses.shaspec_loss(task, y_pred["shared_features"], y_pred["domain_logits"], x["modality_mask"],

@@ -1,7 +1,10 @@
-"""The ShaSpec classifier (AV-MNIST: image + audio -> 10 digits) and its baseline.
+"""The ShaSpec classifier (AV-MNIST: image + audio -> 10 digits) and its two comparison models.
 
 Paper section 4.2: SMIL-like encoders, shared/specific fusion "at the layer before the FC layers", then an
-FC-dropout-FC head; about 0.22 M parameters.
+FC-dropout-FC head; about 0.22 M parameters. Variants: ``"shaspec"``; ``"baseline"``, the shared encoder alone on
+zero-filled inputs (ShaSpec without its specific encoders, fusion and auxiliary losses); ``"concat"``, one encoder
+per modality (the specific encoders alone), their features concatenated into the same head: the plain late-fusion
+model (an absent modality's encoder sees zeros).
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def _classifier_graph(c: dict):
     def trunk(name):
         return ConvTrunk2D(c["trunk_filters"], c["feature_dim"], c["norm_groups"], name=name)
 
+    if c["variant"] == "concat":
+        features = StackModalities(name="stack_specific")(
+            [trunk(f"{name}_trunk")(stem(name, "specific")(x[name])) for name in modalities])  # [B, M, F]
+        return inputs, _head(c, features, {"specific_features": features})
+
     # Shared encoder: modality stems onto a common grid, then one trunk over all modalities in one batch.
     grid = StackModalities(name="stack_grid")([stem(name, "shared")(x[name]) for name in modalities])
     shared_vec = trunk("shared_trunk")(MergeModalityBatch(name="merge_grid")(grid))        # [B * M, F]
@@ -48,12 +56,17 @@ def _classifier_graph(c: dict):
         outputs["domain_logits"] = DomainClassifier(m, name="domain_classifier")(specific)
     else:
         fused = shared
+    return inputs, _head(c, fused, outputs)
+
+
+def _head(c: dict, fused, outputs: dict) -> dict:
+    """FC-dropout-FC over the modalities' features ``[B, M, F]`` concatenated; adds ``logits`` to ``outputs``."""
     h = keras.layers.Flatten(name="fused_concat")(fused)                                   # [B, M * F]
     h = keras.layers.Dense(c["head_units"], activation="relu", name="head_fc1")(h)
     h = keras.layers.Dropout(c["dropout"], name="head_dropout")(h)
     logits = keras.layers.Dense(c["num_classes"], name="head_fc2")(h)
     outputs["logits"] = keras.layers.Activation("linear", dtype=output_dtype(), name="logits")(logits)
-    return inputs, outputs
+    return outputs
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
@@ -64,8 +77,7 @@ class ShaSpecClassifier(ShaSpecModel):
 
     def __init__(self, config: dict, **kwargs):
         inputs, outputs = _classifier_graph(config)
-        kwargs.setdefault("name", f"shaspec_classifier_{config['preset']}" if config["variant"] == "shaspec"
-                          else f"baseline_classifier_{config['preset']}")
+        kwargs.setdefault("name", f"{config['variant']}_classifier_{config['preset']}")
         super().__init__(inputs, outputs, config, **kwargs)
 
     def task_loss(self, y, y_pred):

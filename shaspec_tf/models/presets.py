@@ -90,6 +90,8 @@ def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
             config[key] = tuple(config[key])
     if isinstance(config.get("input_shapes"), dict):  # lists after a JSON round trip, as the tuples above
         config["input_shapes"] = {name: tuple(shape) for name, shape in config["input_shapes"].items()}
-    if config["variant"] not in ("shaspec", "baseline"):
-        raise ValueError(f"unknown variant {config['variant']!r}: expected shaspec or baseline")
+    variants = ("shaspec", "baseline", "concat") if config["task"] == "classification" else ("shaspec", "baseline")
+    if config["variant"] not in variants:
+        raise ValueError(f"unknown variant {config['variant']!r} for the {preset} preset: expected "
+                         f"{', '.join(variants)}")
     return config

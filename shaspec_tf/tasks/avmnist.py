@@ -36,9 +36,10 @@ class AvMnistTask(Task):
         from shaspec_tf.data.input import avmnist_dataset
 
         # Only the missingness the data carries (the paper's audio-rate protocol) unless dropout is asked for.
+        dropping = dropout.subset or dropout.probs is not None or config.drop_rate > 0
         data = avmnist_dataset(files, batch_size=config.batch_size, seed=config.seed, audio_rate=config.audio_rate,
-                               dropout=dropout if (dropout.subset or config.drop_rate > 0) else None)
-        return data.repeat().skip(start_step)
+                               dropout=dropout if dropping else None, repeat=True)
+        return data.skip(start_step)
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap=None, tta: bool = False,
                        postprocess: bool = False, subsets=None, batch_size: int = 256,
@@ -74,9 +75,12 @@ class AvMnistTask(Task):
 AVMNIST = AvMnistTask(
     name=NAME, kind="classification", title="AV-MNIST", modalities=AVMNIST_MODALITIES,
     modality_titles=("Image", "Audio"),
-    # The paper's AV-MNIST schedule: Adam, lr 1e-3, weight decay 1e-2; no modality dropout by default.
+    # The paper's AV-MNIST schedule: Adam, lr 1e-3, weight decay 1e-2. Modality dropout by the official law at rate
+    # 1.0, chosen by evidence (benchmarks/avmnist_learning.py --study defaults, 5 seeds, README "What it learns"):
+    # without dropout the single-modality subsets were 4.7 (image) and 35 (audio) points worse; rate 0.5, a 10-epoch
+    # warm-up and independent per-modality dropout tied with it (mean over subsets within 0.14 points, p >= 0.32).
     train_defaults=TrainDefaults(preset="avmnist", batch_size=32, learning_rate=1e-3, optimizer="adam",
-                                 weight_decay=1e-2, drop_rate=0.0),
+                                 weight_decay=1e-2, drop_rate=1.0),
     scoring=AccuracyScoring(), splits=AVMNIST_SPLITS, record_layout="{data}/{split}-*.tfrecord",
     record_features=AVMNIST_RECORD_FEATURES, stats_features=AVMNIST_STATS_FEATURES,
     label_values=tuple(range(AVMNIST_CLASSES)), one_pass_epochs=True)

@@ -22,6 +22,8 @@ RUN_KIND = "train-run"
 RUN_DEFINING = ("task", "data", "preset", "variant", "model_options", "steps", "epochs", "checkpoint_every",
                 "batch_size", "crop_size", "regime", "subset", "warmup_steps", "ramp_steps", "drop_rate",
                 "learning_rate", "schedule", "optimizer", "weight_decay", "mixed_precision", "audio_rate", "seed")
+# Run-defining options added later: part of the options only when set, so that older run folders still resume.
+RUN_DEFINING_WHEN_SET = ("drop_probs",)
 
 # What a run writes before its first checkpoint
 _NEVER_CHECKPOINTED_ENTRIES = {"model_config.json", "train_config.json", "tensorboard", "checkpoints", "history.json"}
@@ -34,6 +36,7 @@ def run_options(config) -> dict:
     JSON values (a local ``data`` path made absolute)."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     options = {key: values.get(key) for key in RUN_DEFINING}
+    options.update({key: values[key] for key in RUN_DEFINING_WHEN_SET if values.get(key) is not None})
     data = str(options["data"])
     options["data"] = data if fileio.is_uri(data) else os.path.abspath(data)
     return json.loads(json.dumps(options, default=list))

@@ -36,7 +36,7 @@ from shaspec_tf.training.runfolder import RUN_DEFINING, RUN_KIND, run_options  #
 from shaspec_tf.training.runfolder import notice as _notice
 
 POLICIES = {"off": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-CHOICES = {"variant": ("shaspec", "baseline"), "regime": ("non-dedicated", "dedicated"),
+CHOICES = {"variant": ("shaspec", "baseline", "concat"), "regime": ("non-dedicated", "dedicated"),
            "schedule": ("poly", "cosine", "constant"), "optimizer": ("sgd", "adam"),
            "mixed_precision": tuple(POLICIES), "strategy": STRATEGIES}
 
@@ -62,6 +62,7 @@ class TrainConfig:
     warmup_steps: int = 0
     ramp_steps: int = 0
     drop_rate: Optional[float] = None
+    drop_probs: Optional[dict] = None   # modality -> probability of leaving it out (independent; replaces drop_rate)
     learning_rate: Optional[float] = None
     schedule: str = "poly"
     optimizer: Optional[str] = None
@@ -114,11 +115,34 @@ class TrainConfig:
                     isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop):
                 raise ValueError(f"crop size must be three positive integers D,H,W, got {values['crop_size']!r}")
             values["crop_size"] = crop
+        if values["drop_probs"] is not None:
+            values["drop_probs"] = _check_drop_probs(values["drop_probs"], task.modalities)
         if not isinstance(values["model_options"], dict):
             raise ValueError(f"model options must be a mapping, got {type(values['model_options']).__name__}")
         if self.regime == "dedicated" and not self.subset:
             raise ValueError("dedicated training needs --subset (the modalities available, e.g. flair+t1ce)")
         return TrainConfig(**values)
+
+
+def _check_drop_probs(probs, modalities) -> dict:
+    """``{modality: p}`` (or one number per modality, in order) -> every modality's probability, a one-line
+    ``ValueError`` for unknown names or values outside [0, 1]."""
+    if isinstance(probs, (list, tuple)):
+        if len(probs) != len(modalities):
+            raise ValueError(f"drop probabilities {list(probs)} must give one per modality {list(modalities)}")
+        probs = dict(zip(modalities, probs))
+    if not isinstance(probs, dict):
+        raise ValueError(f"drop probabilities must map modalities to numbers, got {probs!r}")
+    unknown = sorted(set(probs) - set(modalities))
+    if unknown:
+        raise ValueError(f"drop probabilities name unknown modalities {unknown}; modalities are {list(modalities)}")
+    checked = {}
+    for name in modalities:
+        value = probs.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"drop probability of {name} must be a number in [0, 1], got {value!r}")
+        checked[name] = float(value)
+    return checked
 
 
 class OptionDefaults(dict):
@@ -311,7 +335,9 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks, out: str) -> d
     if distribute.replicas(strategy) > 1:
         distribute.scale_loss_per_replica(model, distribute.replicas(strategy))
 
-    dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset)
+    probs = None if c.drop_probs is None else [c.drop_probs[name] for name in task.modalities]
+    dropout = ModalityDropout(rate=c.drop_rate, warmup_steps=c.warmup_steps, ramp_steps=c.ramp_steps, subset=subset,
+                              probs=probs)
 
     def dataset():
         return task.train_dataset(train_files, c, dropout, start_step, model_config)
