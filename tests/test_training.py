@@ -309,8 +309,10 @@ EXACT_RESUME = textwrap.dedent("""
         arrays.pop("meta")
         return arrays
 
+    from shaspec_tf.trained import evaluate_trained
+
     for name, options in json.loads(sys.argv[1]).items():
-        root = options.pop("root")
+        root, subsets = options.pop("root"), options.pop("eval_subsets")
         straight = train(TrainConfig(out=root + "/straight", **options))
         try:
             train(TrainConfig(out=root + "/resumed", **options), callbacks=[Stop()])
@@ -323,18 +325,24 @@ EXACT_RESUME = textwrap.dedent("""
             task=name, resumed_from=resumed["resumed_from_step"], arrays=len(a),
             differing=sorted(k for k in a if not np.array_equal(a[k], b[k])),
             checkpoint_arrays=len(ca), checkpoint_differing=sorted(k for k in ca if not np.array_equal(ca[k], cb[k])),
-            same_history=straight["history"] == resumed["history"])), flush=True)
+            same_history=straight["history"] == resumed["history"],
+            scores=[json.dumps(evaluate_trained(root + "/" + run, options["data"], split="train", subsets=subsets,
+                                                overlay_cases=0)["summary"], sort_keys=True)
+                    for run in ("straight", "resumed")])), flush=True)
 """)
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run_for_both_tasks(brats_data, avmnist_data, tmp_path):
     """Train N steps straight, and k steps, stop, resume to N: the same weights, optimiser and random states, bit
-    for bit. AV-MNIST's head has a dropout layer whose random state must be part of the checkpoint. In a process
+    for bit, and the same evaluation figures (so a seed gives the same numbers twice: the resumed run's first k
+    steps are a second training from the same seed). AV-MNIST's head has a dropout layer whose random state must be part of the checkpoint. In a process
     with deterministic ops (what --deterministic sets up; oneDNN's float32 kernels stay on: they were reproducible
     in every run checked, and a 3D training step is 8 to 50 times slower without them)."""
-    runs = {"brats": dict(vars(brats_config(brats_data, "unused", steps=4)), root=str(tmp_path / "brats")),
+    runs = {"brats": dict(vars(brats_config(brats_data, "unused", steps=4)), root=str(tmp_path / "brats"),
+                          eval_subsets=["t1ce", "flair+t1+t1ce+t2"]),
             "avmnist": dict(task="avmnist", data=avmnist_data, preset="avmnist-tiny", steps=6, checkpoint_every=2,
-                            batch_size=4, drop_rate=0.5, audio_rate=0.75, root=str(tmp_path / "avmnist"))}
+                            batch_size=4, drop_rate=0.5, audio_rate=0.75, root=str(tmp_path / "avmnist"),
+                            eval_subsets=None)}
     runs["brats"].pop("out")
     runs["brats"]["crop_size"] = list(runs["brats"]["crop_size"])
     done = subprocess.run([sys.executable, "-c", EXACT_RESUME, json.dumps(runs)], capture_output=True, text=True,
@@ -346,6 +354,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run_for_both_tasks(brats_da
     for task, result in sorted(results.items()):
         assert result["resumed_from"] == 2 and result["arrays"] > 50, result
         assert result["differing"] == [] and result["same_history"], result
+        straight, resumed = result["scores"]
+        assert straight == resumed and len(json.loads(straight)) == (3 if task == "brats" else 4), result
     for task, result in sorted(results.items()):  # the whole checkpoint: seed generator states included
         assert result["checkpoint_arrays"] > result["arrays"] // 2 and result["checkpoint_differing"] == [], result
 
