@@ -2,6 +2,7 @@
 
     python benchmarks/phantom_brats_learning.py [--seeds 5] [--cases 24] [--steps 400] [--warmup-steps 100]
                                                 [--preset small] [--crop 32,64,64] [--work phantom_study]
+                                                [--dedicated t1 flair flair+t1+t1ce+t2 | --dedicated]
 
 Generates phantom cases (``shaspec prepare phantom``) and their TFRecords (``shaspec prepare brats``, 20 % eval) once
 into WORK, then trains, per seed (``--seed K --deterministic``): ShaSpec and the baseline (the shared encoder alone on
@@ -51,7 +52,7 @@ def runs(args) -> list:
     return ([Run("shaspec", dict(dropout, variant="shaspec"), label="ShaSpec (one model)"),
              Run("baseline", dict(dropout, variant="baseline"), label="baseline (shared encoder, zero-filled)")]
             + [Run(f"dedicated-{s}", dict(common, variant="shaspec", regime="dedicated", subset=s), subsets=(s,),
-                   label=f"dedicated to {s}") for s in DEDICATED])
+                   label=f"dedicated to {s}") for s in args.dedicated])
 
 
 def main(argv=None) -> dict:
@@ -63,6 +64,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--crop", default="32,64,64")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--work", default="phantom_study")
+    parser.add_argument("--dedicated", nargs="*", default=list(DEDICATED),
+                        help="subsets to train dedicated models for (none: ShaSpec and the baseline only; their "
+                             "results are kept, so a later run with dedicated models adds only those)")
     args = parser.parse_args(argv)
     args.crop = tuple(int(v) for v in args.crop.split(","))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -102,12 +106,13 @@ def main(argv=None) -> dict:
              f"{args.cases} phantoms, {len(seeds)} seeds (Dice %, eval phantoms)")
     lines = [title, "", "Mean over the 15 subsets, per region:", ""]
     lines += markdown_table(summary, study[:2], list(REGIONS) + ["mean"])
-    lines += ["", "On the dedicated models' subsets (mean over the regions):", ""]
-    lines += markdown_table(summary, study, list(DEDICATED))
+    if args.dedicated:
+        lines += ["", "On the dedicated models' subsets (mean over the regions):", ""]
+        lines += markdown_table(summary, study, list(args.dedicated))
     fileio.atomic_write(fileio.join(w, "phantom.md"), "\n".join(lines) + "\n")
     fileio.atomic_write_json(fileio.join(w, "phantom.json"), {"args": {k: v for k, v in vars(args).items()},
                                                               "seeds": seeds, "summary": summary})
-    plot_study(summary, study, list(DEDICATED) + ["mean"], fileio.join(w, "phantom.png"),
+    plot_study(summary, study, list(args.dedicated) + ["mean"], fileio.join(w, "phantom.png"),
                f"Phantom BraTS: mean ± std over {len(seeds)} seeds", ylabel="Dice (%)")
     print("\n".join(lines), flush=True)
     return summary

@@ -123,7 +123,8 @@ def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions(
     scores = pbl.scores_of(summary, ["t1", "flair"])
     assert scores["ET"] == pytest.approx(30.0) and scores["WT"] == pytest.approx(70.0)
     assert scores["t1"] == pytest.approx(100 / 3, abs=1e-4) and scores["mean"] == pytest.approx(140 / 3, abs=1e-4)
-    args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1))()
+    args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1,
+                              dedicated=list(pbl.DEDICATED)))()
     runs = pbl.runs(args)
     assert [r.subsets for r in runs[2:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
     assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[2:])
