@@ -89,6 +89,7 @@ def MissingModalityEvaluator(
         overlap: Parameter[float] = None):
     """Evaluate ``model`` on every modality subset of ``examples`` (``split``; default the task's evaluation split)
     and bless it against the thresholds and the latest blessed ``baseline_model``."""
+    from shaspec_tf.compile_cache import enable_compile_cache
     from shaspec_tf.evaluation import compare_models, write_reports
     from shaspec_tf.tasks import get_task
     from shaspec_tf.trained import evaluate_trained
@@ -97,6 +98,7 @@ def MissingModalityEvaluator(
     out = evaluation.uri
 
     def score(artifact, folder):
+        enable_compile_cache()  # the whole-volume program is compiled once per machine (shaspec_tf.compile_cache)
         results = evaluate_trained(model_folder(artifact), examples.uri, split=split, overlap=overlap)
         write_reports(results, fileio.join(out, folder), title=f"{task}: {folder} model (artifact "
                                                                  f"{artifact.id}), split {split}")

@@ -282,6 +282,11 @@ def main(argv=None, commands: Sequence[Command] = ()) -> int:
     extra = [arg for arg in extra if arg != "--verbose"]
     if extra and not (getattr(args, "beam_passthrough", False) or getattr(args, "any_arguments", False)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Compiled programs outlive the process (JAX's persistent cache, TensorFlow's for XLA-compiled functions), so a
+    # second run does not compile again; before any command can compile. SHASPEC_COMPILE_CACHE=off turns it off.
+    from shaspec_tf.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
     try:
         if args.func in (cmd.demo, cmd.info):
             return args.func(args)

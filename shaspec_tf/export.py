@@ -190,12 +190,11 @@ def segmentation_functions(model, overlap: float, sigma_scale: float, precedence
         return {"probabilities": prob, "labels": _labels_from_probabilities(tf, prob, precedence)}
 
     num_classes = logits_spec(model, sw_batch_size, roi, m)[-1]
-    no_flip = tf.zeros([1, 3], tf.int32)
 
     def one_volume(args):
         volume, mask = args  # [D, H, W, M], [M]: the sliding window of the Python API, on dynamic sizes
         prob = window_probabilities(lambda tiles, masks: logits({"image": tiles, "modality_mask": masks}), volume,
-                                    mask, no_flip, roi_size=roi, num_classes=num_classes, overlap=overlap,
+                                    mask, None, roi_size=roi, num_classes=num_classes, overlap=overlap,
                                     mode=mode, sigma_scale=sigma_scale, sw_batch_size=sw_batch_size)
         return _labels_from_probabilities(tf, prob, precedence)
 

@@ -6,6 +6,9 @@ The model tests run twice in ``make test``: under the TensorFlow backend and und
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The compilation cache (shaspec_tf.compile_cache) is the user's, under ~/.cache: tests that call the CLI or train
+# in-process would switch it on for the rest of the session and fill it. Off unless a test chooses a folder.
+os.environ.setdefault("SHASPEC_COMPILE_CACHE", "off")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -49,6 +49,9 @@ def _check_train(entry):
     assert len(entry["losses"]) == 1 + 1 + 1 and all(math.isfinite(v) for v in entry["losses"])
     assert entry["all_finite"] is True
     assert entry["peak_memory"]["kind"] == "process_max_rss" and entry["peak_memory"]["bytes"] > 0
+    startup = entry["startup"]
+    assert set(tsb.STARTUP_KEYS) <= set(startup) and startup["compile_cache"] is None
+    assert startup["to_first_step_s"] > startup["first_step_s"] == entry["first_step_s"] > 0
 
 
 def _run(tmp_path, backend, *extra, env=None):
@@ -111,6 +114,81 @@ def test_ratios_and_summary_with_an_official_entry():
 def test_the_gpu_script_parses():
     script = os.path.join(REPO, "benchmarks", "gpu", "run_gpu_benchmark.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def _part(label, who, precision, train=None, infer=None, device="gpu: NVIDIA H200"):
+    parts = {}
+    if train is not None:
+        parts["train"] = {"device": device, "first_step_s": train[0], "startup": {"to_first_step_s": train[1]},
+                          "all_modalities": {"median_s": train[2]}, "random_modalities": {"median_s": train[2]},
+                          "peak_memory": {"bytes": train[3], "kind": "device_peak_bytes_in_use"}}
+    if infer is not None:
+        parts["infer"] = {"device": device, "median_s": infer, "tiles": 12}
+    return {"label": label, "backend": "jax", "config": {"preset": "paper", "crop": [80, 160, 160], "batch": 1,
+                                                         "jit": True},
+            "host": {"cpu": "cpu: test x2"}, "ours": {}, "official": {}, who: {precision: parts}}
+
+
+def test_report_merges_the_gpu_parts_with_first_steps_cold_and_warm(tmp_path):
+    from benchmarks import bench_report
+
+    parts = {"official_fp32": _part("official_fp32", "official", "fp32", (44.0, 60.0, 0.4, 100), 0.4),
+             "ours_fp32_cold": _part("ours_fp32_cold", "ours", "fp32", (88.0, 100.0, 0.2, 60)),
+             "ours_fp32_warm": _part("ours_fp32_warm", "ours", "fp32", (4.0, 9.0, 0.3, 50)),
+             "ours_fp32_infer": _part("ours_fp32_infer", "ours", "fp32", infer=0.2)}
+    for name, report in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    merged = bench_report.main([str(tmp_path), "--gpu-info", "NVIDIA H200, 143771 MiB, 570.1"])
+    assert merged["card"] == "NVIDIA H200"
+    assert merged == json.loads((tmp_path / "summary.json").read_text())
+    first = merged["first_step"]
+    assert first["ours"]["fp32"]["cold"]["first_step_s"] == 88.0
+    assert first["ours"]["fp32"]["warm"] == {"first_step_s": 4.0, "to_first_step_s": 9.0, "cache_entries_before": None,
+                                             "import_s": None, "build_s": None}
+    assert first["official"]["fp32"]["first"]["first_step_s"] == 44.0
+    # the warm part adds only its first step: the train figures are the cold part's
+    assert merged["ours"]["fp32"]["train"]["all_modalities"]["median_s"] == 0.2
+    r = merged["ratios"]["fp32"]
+    assert r["train_step"] == pytest.approx(0.5) and r["whole_volume"] == pytest.approx(0.5)
+    assert r["peak_memory"] == pytest.approx(0.6) and r["first_step_cold"] == pytest.approx(2.0)
+    assert r["first_step_warm"] == pytest.approx(4.0 / 44.0) and r["architecture_match"] is True
+    assert set(merged["parts"]) == set(parts) and all(p["errors"] == [] for p in merged["parts"].values())
+    # without nvidia-smi the card is the device the workers named
+    assert bench_report.merge_parts(str(tmp_path))["card"] == "gpu: NVIDIA H200"
+
+
+def test_official_part_says_why_it_was_skipped(tmp_path):
+    code = tmp_path / "official"
+    code.mkdir()
+    no_code = tsb.main(["--backend", "jax", "--preset", "tiny", "--skip", "ours,data", "--official", str(code)])
+    assert no_code["official_error"].startswith("skipped: no official code (DualNet_SS.py) in ")
+    (code / "DualNet_SS.py").write_text("")
+    no_torch = tmp_path / "python-without-torch"
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    report = tsb.main(["--backend", "jax", "--preset", "tiny", "--skip", "ours,data,infer", "--precision", "fp32,bf16",
+                       "--official", str(code), "--official-python", str(no_torch), "--out", str(tmp_path / "r.json")])
+    assert report["official_error"].startswith("skipped: torch not installed")
+    assert report["official"] == {p: {"train": {"error": report["official_error"]}} for p in ("fp32", "bf16")}
+    assert json.loads((tmp_path / "r.json").read_text())["official_error"] == report["official_error"]
+
+
+@pytest.mark.slow  # about 25 s: the script starts Python and JAX several times
+def test_gpu_script_dry_run_writes_one_summary(tmp_path):
+    """The script's plumbing on this machine: the official part (no code here) is recorded as skipped, the parts are
+    merged into summary.json with a card, and nothing is left in the script's temporary compilation cache."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, BENCH_PRESET="tiny", BENCH_VOLUME="32,64,64",
+               BENCH_PLAN="official_fp32", OFFICIAL_SHASPEC_DIR=str(tmp_path / "none"), TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "run_gpu_benchmark.sh")], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["official_error"].startswith("skipped: no official code")
+    assert summary["card"] and summary["parts"]["official_fp32"]["label"] == "official_fp32"
+    assert summary["config"]["preset"] == "tiny" and summary["config"]["volume"] == [32, 64, 64]
+    assert "== done in" in (out / "gpu_benchmark.log").read_text()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("shaspec-bench-cache")]
 
 
 def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions():

@@ -350,7 +350,8 @@ def test_tiny_shaspec_model_matches_the_numpy_reference():
 
 def test_compiled_function_is_reused_across_masks_and_calls():
     """The model is traced once per compiled function: a new mask never retraces (it is a runtime input), nor does
-    a second volume of the same size; TensorFlow's graph takes any size, JAX compiles once per new size."""
+    a second volume of the same size; TensorFlow's graph takes any size, JAX compiles once per new extent (sizes
+    rounded up to half a window: 40x50x45 and 45x50x40 share 48x64x48, 70x50x45 does not)."""
     model = VoxelModel()
     image = _volume((40, 50, 45))
     masks = [np.array(m, np.float32) for m in ([1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1])]
@@ -367,19 +368,80 @@ def test_compiled_function_is_reused_across_masks_and_calls():
                                                   mode="gaussian", sigma_scale=(0.125,) * 3, sw_batch_size=4)
     sliding_window_predict(model, _volume((40, 50, 45), seed=9), masks[2], roi_size=(32, 32, 32))
     assert len(model.calls) == traced
-    sliding_window_predict(model, _volume((45, 50, 40)), masks[1], roi_size=(32, 32, 32))
+    other = _volume((45, 50, 40))
+    np.testing.assert_allclose(sliding_window_predict(model, other, masks[1], roi_size=(32, 32, 32)),
+                               model.direct(other, masks[1]), rtol=1e-5, atol=1e-6)
+    assert len(model.calls) == traced  # the same extent under JAX
+    sliding_window_predict(model, _volume((70, 50, 45)), masks[1], roi_size=(32, 32, 32))
     assert len(model.calls) == traced + (1 if keras.backend.backend() == "jax" else 0)
     # Other settings are another compiled function.
     sliding_window_predict(model, image, masks[1], roi_size=(32, 32, 32), mode="constant")
     assert len(model.calls) > traced + 1
 
 
+def test_compile_extent_rounds_up_to_half_a_window_and_keeps_the_windows():
+    extent = compiled_module.compile_extent
+    assert extent((155, 240, 240), (80, 160, 160)) == (160, 240, 240)
+    assert extent((20, 27, 100), (32, 32, 32)) == (32, 32, 112)
+    for shape in [(1, 1, 1), (31, 32, 33), (47, 48, 49), (100, 129, 64)]:
+        for roi in [(32, 32, 32), (16, 64, 96), (80, 160, 160)]:
+            got = extent(shape, roi)
+            for s, r, e in zip(shape, roi, got):
+                assert e >= max(s, r) and e % (r // 2) == 0 and e - max(s, r) < r // 2
+                # never fewer windows in the extent than in the volume (the batch size is bounded by the extent's)
+                assert len(window_starts(e, r)) >= len(window_starts(s, r))
+
+
+def test_whole_volume_function_is_traced_once_for_repeated_calls():
+    """Several calls with one volume shape (and any mask, image or sw_batch_size-bounded batch) trace the model
+    once in the compiled function, with and without test-time flips (each its own function: 2 traces)."""
+    model = VoxelModel()
+    shape = (40, 33, 70)
+    for seed in range(3):
+        for mask in ([1, 1, 1, 1], [0, 1, 0, 0]):
+            sliding_window_predict(model, _volume(shape, seed), np.array(mask, np.float32), roi_size=(32, 32, 32),
+                                   sw_batch_size=3)
+    assert len(model.calls) == 2 and set(model.calls) == {(3, 32, 32, 32, 4)}
+    for seed in range(2):
+        sliding_window_predict(model, _volume(shape, seed), MASK, roi_size=(32, 32, 32), sw_batch_size=3,
+                               tta_flips=True)
+    assert len(model.calls) == 3
+
+
+def test_evaluation_compiles_once_for_all_fifteen_subsets(tmp_path):
+    """The evaluator (every BraTS modality subset of every case) calls the one compiled window with the mask as a
+    runtime input: the model is traced once for 15 subsets x 2 cases (plus once symbolically), and cases of
+    different sizes in one extent share it under JAX."""
+    import tensorflow as tf
+
+    from shaspec_tf.data.schema import BratsRecord, brats_example
+    from shaspec_tf.data.toy import toy_case
+    from shaspec_tf.tasks import get_task
+
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "eval.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for i, shape in enumerate([(36, 40, 40), (40, 44, 38)]):
+            image, labels = toy_case(rng, shape)
+            writer.write(brats_example(BratsRecord(f"c{i}", image, np.ones(4, np.int64), labels)).SerializeToString())
+
+    class Segmenter(VoxelModel):
+        modalities = ("flair", "t1", "t1ce", "t2")
+        shaspec_config = {"crop_size": (32, 32, 32), "task": "brats"}
+
+    model = Segmenter()
+    results = get_task("brats").evaluate_model(model, [path])
+    assert len(model.calls) == 2, model.calls
+    assert len(results["subsets"]) == 15 and results["skipped"] == []
+
+
 def test_only_the_probabilities_come_back():
     model = VoxelModel()  # its outputs also hold "features", as large as the tiles
     run = compiled_module.volume_function(model, roi_size=(32, 32, 32), num_modalities=4, overlap=1 / 3,
                                           mode="gaussian", sigma_scale=(0.125,) * 3, sw_batch_size=2)
-    out = run(_volume((40, 33, 35)), MASK, np.zeros((1, 3), np.int32))
-    assert not isinstance(out, (dict, list, tuple)) and tuple(out.shape) == (40, 33, 35, 3)
+    for flips in (None, np.zeros((1, 3), np.int32)):
+        out = run(_volume((40, 33, 35)), MASK, flips)
+        assert not isinstance(out, (dict, list, tuple)) and tuple(out.shape) == (40, 33, 35, 3)
 
 
 @pytest.mark.parametrize("overlap", [1 / 3, 0.5, 0.0, 0.75])

@@ -1,36 +1,55 @@
 #!/usr/bin/env bash
 # The one prepared benchmark for the GPU host (JAX + PyTorch, no TensorFlow, no network): ours (Keras on JAX) and
-# the official PyTorch ShaSpec, paper model, 80x160x160, batch 1, on the same GPU. See benchmarks/gpu/README.md.
+# the official PyTorch ShaSpec side by side on the same card, inside BENCH_BUDGET_S (420 s) of device time
+# including compilation; one summary.json that names the card. See benchmarks/gpu/README.md.
 #
 #   bash benchmarks/gpu/run_gpu_benchmark.sh            # results under $OUT (default ./gpu_results)
+#   BENCH_PRESET=tiny BENCH_VOLUME=32,64,64 BENCH_JIT=0 bash benchmarks/gpu/run_gpu_benchmark.sh   # CPU dry run
 #
-# Needs, in the repository root: .whl/ (keras 3.12.4, namex 0.1.0, optree 0.20.0 wheels for cp312) and .official/
-# (DualNet_SS.py, Res50.py, dsn.py, loss_Dual.py of github.com/billhhh/ShaSpec), both carried (git-ignored).
-# Environment knobs: BENCH_STEPS (5), BENCH_WARMUP (2), BENCH_TIMEOUT (per measurement, s), BENCH_PLAN (default
-# "official jit nojit"; any subset, in order), BENCH_NOJIT_STEPS (2), PYTHON (python3), BENCH_BUDGET_S (450: no
-# measurement starts, or runs, past START + budget; the official runs must end by START + BENCH_OFFICIAL_S (170);
-# the no-jit run only starts with 120 s left).
+# Needs, in the repository root: .whl/ (keras 3.12.4, namex 0.1.0, optree 0.20.0 wheels for cp312) when keras is
+# not installed, and .official/ (DualNet_SS.py, Res50.py, dsn.py, loss_Dual.py of github.com/billhhh/ShaSpec).
+# Knobs (environment): BENCH_PRESET (paper), BENCH_VOLUME (155,240,240), BENCH_CROP (the preset's), BENCH_STEPS (5),
+# BENCH_WARMUP (2), BENCH_RANDOM_STEPS (3), BENCH_INFER_REPS (3), BENCH_SW_BATCH (4), BENCH_BUDGET_S (420),
+# BENCH_OFFICIAL_S (150: the official fp32 part ends by then), BENCH_BF16_MIN_S (200: official_bf16 starts only with
+# room for both bf16 parts), BENCH_OURS_BF16_MIN_S (130: ours_bf16's own minimum), BENCH_TIMEOUT (300 s per
+# measurement), BENCH_PLAN, BENCH_CACHE_DIR (default: a new empty folder, removed at the end), BENCH_JIT (1; 0 for a
+# quick CPU dry run), OFFICIAL_SHASPEC_DIR, PYTHON.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+PRESET=${BENCH_PRESET:-paper}
+VOLUME=${BENCH_VOLUME:-155,240,240}
+CROP=${BENCH_CROP:-}
 STEPS=${BENCH_STEPS:-5}
 WARMUP=${BENCH_WARMUP:-2}
+RANDOM_STEPS=${BENCH_RANDOM_STEPS:-3}
+REPS=${BENCH_INFER_REPS:-3}
+SW=${BENCH_SW_BATCH:-4}
 TIMEOUT=${BENCH_TIMEOUT:-300}
-PLAN=${BENCH_PLAN:-official jit nojit}
-NOJIT_STEPS=${BENCH_NOJIT_STEPS:-2}
-BUDGET=${BENCH_BUDGET_S:-450}
-OFFICIAL_S=${BENCH_OFFICIAL_S:-170}
+BUDGET=${BENCH_BUDGET_S:-420}
+OFFICIAL_S=${BENCH_OFFICIAL_S:-150}
+BF16_MIN=${BENCH_BF16_MIN_S:-200}
+OURS_BF16_MIN=${BENCH_OURS_BF16_MIN_S:-130}
+PLAN=${BENCH_PLAN:-official_fp32 ours_fp32_cold ours_fp32_warm ours_fp32_infer official_bf16 ours_bf16}
 START=$(date +%s)
 LOG="$OUT/gpu_benchmark.log"
 log() { echo "$@" | tee -a "$LOG"; }
 elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET - $(elapsed) )); }
 
-log "== $(date -u +%FT%TZ) host $(hostname)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/gpu: /' | tee -a "$LOG"
+# The compilation cache of our runs: empty for the cold first step, reused by the warm one. Never under $OUT (its
+# executables are large); removed at the end unless BENCH_CACHE_DIR names it.
+if [ -n "${BENCH_CACHE_DIR:-}" ]; then CACHE=$BENCH_CACHE_DIR; mkdir -p "$CACHE"; else
+  CACHE=$(mktemp -d "${TMPDIR:-/tmp}/shaspec-bench-cache.XXXXXX"); trap 'rm -rf "$CACHE"' EXIT; fi
+if [ -n "$(ls -A "$CACHE" 2>/dev/null)" ]; then log "note: $CACHE is not empty: the 'cold' first step is not cold"; fi
 
-# 1. Keras and its two missing pure-Python/compiled dependencies, from the carried wheels.
+log "== $(date -u +%FT%TZ) host $(hostname) preset $PRESET volume $VOLUME budget ${BUDGET}s plan: $PLAN"
+GPU_INFO=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+log "gpu: ${GPU_INFO:-none (nvidia-smi absent)}"
+
+# 1. Keras and its two missing dependencies, from the carried wheels, when keras is not importable.
 if ! "$PY" -c "import keras" 2>/dev/null; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -42,70 +61,62 @@ if ! "$PY" -c "import keras" 2>/dev/null; then
 fi
 export KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
-import importlib.util, jax, keras, torch
-print("versions: jax", jax.__version__, "| keras", keras.__version__, "| torch", torch.__version__,
-      "| tensorflow", "present" if importlib.util.find_spec("tensorflow") else "absent")
-print("devices: jax", jax.devices(), "| torch", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda")
+import importlib, importlib.util
+versions = {}
+for name in ("jax", "keras", "torch"):
+    try:
+        versions[name] = importlib.import_module(name).__version__
+    except ImportError:
+        versions[name] = "not installed"
+versions["tensorflow"] = "present" if importlib.util.find_spec("tensorflow") else "absent"
+print("versions:", " | ".join(f"{k} {v}" for k, v in versions.items()))
+import jax
+print("devices: jax", jax.devices())
 EOF
 
-# 2. The official code (carried as .official/, or given by OFFICIAL_SHASPEC_DIR).
+# 2. The official code (carried as .official/, or given by OFFICIAL_SHASPEC_DIR); the harness records a clear
+#    "skipped: ..." when it or torch is missing.
 OFFICIAL=${OFFICIAL_SHASPEC_DIR:-$PWD/.official}
-OFFICIAL_ARGS=()
-if [ -f "$OFFICIAL/DualNet_SS.py" ]; then OFFICIAL_ARGS=(--official "$OFFICIAL"); else log "no official code at $OFFICIAL: ours only"; fi
-
-BENCH=(benchmarks/train_step_benchmark.py --backend jax --preset paper --crop 80,160,160 --batch 1
-       --volume 155,240,240 --overlap 0.3333333333 --sw-batch-size 4 --infer-reps 2 --timeout "$TIMEOUT")
-run() {  # name, then harness arguments
+BENCH=(benchmarks/train_step_benchmark.py --backend jax --preset "$PRESET" --batch 1 --volume "$VOLUME"
+       --overlap 0.3333333333 --sw-batch-size "$SW" --infer-reps "$REPS" --timeout "$TIMEOUT")
+[ -n "$CROP" ] && BENCH+=(--crop "$CROP")
+[ "${BENCH_JIT:-1}" = 0 ] && BENCH+=(--no-jit)  # CPU dry runs only: XLA CPU compiles a 3D train step for minutes
+run() {  # part name, then harness arguments
   local name=$1; shift
   log "== $name (t=$(elapsed) s): ${BENCH[*]} $*"
-  "$PY" "${BENCH[@]}" "$@" --out "$OUT/$name.json" 2>&1 | tee -a "$LOG"
+  "$PY" "${BENCH[@]}" "$@" --label "$name" --out "$OUT/$name.json" 2>&1 | tee -a "$LOG"
 }
+TRAIN=(--steps "$STEPS" --warmup "$WARMUP" --random-steps "$RANDOM_STEPS")
 
 for part in $PLAN; do
   case $part in
-    official)  # the official model alone first (fp32, bf16 autocast): PyTorch and JAX never share the GPU
-      [ ${#OFFICIAL_ARGS[@]} -gt 0 ] && run official --skip ours,data --precision fp32,bf16 --steps "$STEPS" \
-        --warmup "$WARMUP" "${OFFICIAL_ARGS[@]}" --deadline $(( START + OFFICIAL_S )) ;;
-    jit)       # ours, XLA, fp32 and mixed_bfloat16; data loading (NumPy stand-in: no TensorFlow here)
-      run ours_jit --jit --precision fp32,bf16 --steps "$STEPS" --warmup "$WARMUP" --data-batches 5 \
-        --data-case-shape 128,192,160 --deadline $(( START + BUDGET )) ;;
-    nojit)     # ours, op-by-op JAX, fp32, training only, if time remains
-      if [ $(( BUDGET - $(elapsed) )) -ge 120 ]; then
-        run ours_nojit --no-jit --precision fp32 --steps "$NOJIT_STEPS" --warmup 1 --random-steps "$NOJIT_STEPS" \
-          --skip infer,data --deadline $(( START + BUDGET )) 
-      else log "== ours_nojit skipped: $(elapsed) s used of the $BUDGET s budget"; fi ;;
+    official_fp32)   # the official model first, alone on the card: training (all, then random modalities), volume
+      run official_fp32 --skip ours,data --precision fp32 "${TRAIN[@]}" --official "$OFFICIAL" \
+        --deadline $(( START + OFFICIAL_S )) ;;
+    ours_fp32_cold)  # ours, XLA, fp32, an empty compilation cache: the cold first step, then the timed steps
+      run ours_fp32_cold --skip infer,data --precision fp32 "${TRAIN[@]}" --compile-cache "$CACHE" \
+        --deadline $(( START + BUDGET )) ;;
+    ours_fp32_warm)  # a second process with the cache the cold one filled: the warm first step only
+      run ours_fp32_warm --skip infer,data,random --precision fp32 --steps 1 --warmup 1 --compile-cache "$CACHE" \
+        --deadline $(( START + BUDGET )) ;;
+    ours_fp32_infer) # the whole volume through the device window (sliding_window_predict), fp32
+      run ours_fp32_infer --skip train,data --precision fp32 --compile-cache "$CACHE" \
+        --deadline $(( START + BUDGET )) ;;
+    official_bf16)   # bf16 training steps if time remains for both bf16 parts (official: autocast)
+      if [ "$(left)" -lt "$BF16_MIN" ]; then log "== $part skipped: $(elapsed) s used of the $BUDGET s budget"
+      else run official_bf16 --skip ours,data,infer --precision bf16 "${TRAIN[@]}" --official "$OFFICIAL" \
+        --deadline $(( START + BUDGET )); fi ;;
+    ours_bf16)       # ours with mixed_bfloat16 (its own compilation: the fp32 cache does not serve it)
+      if [ "$(left)" -lt "$OURS_BF16_MIN" ]; then log "== $part skipped: $(elapsed) s used of the $BUDGET s budget"
+      else run ours_bf16 --skip infer,data --precision bf16 "${TRAIN[@]}" --compile-cache "$CACHE" \
+        --deadline $(( START + BUDGET )); fi ;;
+    data)            # ours: batch production apart from the model (NumPy stand-in: no TensorFlow here)
+      run data --skip train,infer,ours --data-batches 5 --data-case-shape 128,192,160 \
+        --deadline $(( START + BUDGET )) ;;
     *) log "unknown plan entry $part" ;;
   esac
 done
 
-# 3. One table over every result, ratios ours/official last.
-"$PY" - "$OUT" <<'EOF' 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
-import glob, json, os, sys
-sys.path.insert(0, "benchmarks")
-import train_step_benchmark as tsb
-merged = {"ours": {}, "official": {}}
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
-    if os.path.basename(path) == "summary.json":
-        continue
-    report = json.load(open(path))
-    name = os.path.basename(path)[:-5]
-    print(f"--- {name}")
-    print("\n".join(tsb.summary_lines(report)))
-    for who in ("ours", "official"):
-        for precision, entry in report.get(who, {}).items():
-            key = precision if who == "official" or report["config"]["jit"] else f"{precision}_nojit"
-            if key not in merged[who] or "error" not in entry.get("train", {}):
-                merged[who][key] = entry
-    merged.setdefault("config", report["config"])
-    if report.get("data"):
-        merged["data"] = report["data"]
-merged["config"] = dict(merged.get("config", {}), preset="paper")
-merged["ratios"] = tsb.compute_ratios(merged)
-json.dump(merged, open(os.path.join(sys.argv[1], "summary.json"), "w"), indent=1)
-print("=== ours (jit) / official, same GPU:")
-for precision, r in merged["ratios"].items():
-    print(f"{precision}: train step {tsb._fmt(r['train_step'], 2)}x, random-modality step "
-          f"{tsb._fmt(r['train_step_random'], 2)}x, whole volume {tsb._fmt(r['whole_volume'], 2)}x, "
-          f"peak memory {tsb._fmt(r['peak_memory'], 2)}x")
-EOF
+# 3. One summary: every part merged, the card named, ratios ours/official and the first steps cold and warm.
+"$PY" benchmarks/bench_report.py "$OUT" --gpu-info "$GPU_INFO" 2>&1 | tee "$OUT/summary.txt" | tee -a "$LOG"
 log "== done in $(elapsed) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -2,14 +2,17 @@
 window_probabilities` together with a model, as one ``jax.jit`` (JAX backend) or one ``tf.function`` graph
 (TensorFlow backend), and keep the compiled function per model so that later volumes and masks reuse it.
 
-* JAX: ``jax.jit`` of ``(model state, image, mask, flips) -> probabilities``; the model runs through
+* JAX: ``jax.jit`` of ``(model state, image, mask, size, flips) -> probabilities``; the model runs through
   ``stateless_call`` on the variable values passed in at each call (so the compiled function never holds stale
-  weights, and the weights are not baked into the program as constants). Shapes are static: one compilation per
-  volume size (and per number of flips), cached by ``jax.jit`` itself; the mask is a runtime argument.
-* TensorFlow: ``tf.function`` with the input signature ``image [None, None, None, M]``, ``mask [M]``,
-  ``flips [None, 3]``: traced once per model and settings, whatever the volume size or mask (the dynamic-shape
-  path of the ``segment_volume`` serving signature). The model's variables are captured by reference. The graph
-  runs without XLA (``jit_compile`` off), as TF Serving runs the exported signature.
+  weights, and the weights are not baked into the program as constants). The volume goes to the device as it is,
+  is zero-padded there to :func:`compile_extent` (each axis rounded up to half a window) and its true size is a
+  runtime input, so one compilation serves every volume of that extent, every mask and every set of weights
+  (``jax.jit``'s own cache, keyed by the extent and whether there are flips); the probabilities are cropped on
+  the device and only they come back. The windows run ``sw_batch_size`` at a time in one XLA while loop.
+* TensorFlow: ``tf.function`` with the input signature ``image [None, None, None, M]``, ``mask [M]`` (and
+  ``flips [None, 3]`` for test-time flips): traced once per model and settings, whatever the volume size or mask
+  (the dynamic-shape path of the ``segment_volume`` serving signature). The model's variables are captured by
+  reference. The graph runs without XLA (``jit_compile`` off), as TF Serving runs the exported signature.
 
 Only the model's ``"logits"`` output is kept inside the compiled function; nothing else comes back to the host.
 """
@@ -19,7 +22,9 @@ import atexit
 import functools
 import weakref
 
-__all__ = ["logits_of", "logits_spec", "volume_function"]
+import numpy as np
+
+__all__ = ["logits_of", "logits_spec", "volume_function", "compile_extent"]
 
 # model -> {settings: compiled function}. Weak keys: a model that goes away takes its compiled functions with it
 # (the functions reference the model weakly for the same reason).
@@ -79,6 +84,24 @@ def logits_spec(model, batch: int, roi: tuple, num_modalities: int):
     return shape
 
 
+def compile_extent(shape, roi_size) -> tuple:
+    """The extent ``(D, H, W)`` a volume of spatial ``shape`` is zero-padded to before the JAX-compiled window:
+    each axis rounded up to a multiple of half the window (and to at least the window), so that volumes of nearby
+    sizes (BraTS cases cropped to the brain) share one compilation. The windows are still those of ``shape``
+    (its size is a runtime input), so the padding changes no result: 155 x 240 x 240 with 80 x 160 x 160 windows
+    runs in a 160 x 240 x 240 extent, 12 windows as before."""
+    return tuple(max(int(r), -(-int(s) // max(1, int(r) // 2)) * max(1, int(r) // 2))
+                 for s, r in zip(shape, roi_size))
+
+
+def _jax_state(model):
+    import keras
+
+    if isinstance(model, keras.Layer):
+        return [v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]
+    return (), ()
+
+
 def _compile(model, settings: dict):
     import keras
 
@@ -87,10 +110,11 @@ def _compile(model, settings: dict):
     ref = _reference(model)
     backend = keras.backend.backend()
     m = settings.pop("num_modalities")
+    roi = settings["roi_size"]
     if backend == "jax":
         import jax
 
-        def probabilities(state, image, mask, flips):
+        def probabilities(state, image, mask, size, flips):
             model = ref()
             trainable, non_trainable = state
 
@@ -102,27 +126,39 @@ def _compile(model, settings: dict):
                     outputs = model(inputs)
                 return logits_of(outputs)
 
-            return window_probabilities(logits_fn, image, mask, flips, **settings)
+            return window_probabilities(logits_fn, image, mask, flips, size=size, **settings)
 
-        jitted = jax.jit(probabilities)
+        jitted = jax.jit(probabilities)  # one compilation per extent (and flips: none, or an [F, 3] table)
 
-        def run(image, mask, flips):
-            model = ref()
-            state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables]) \
-                if isinstance(model, keras.Layer) else ((), ())
-            return jitted(state, image, mask, flips)
+        def run(image, mask, flips=None):
+            shape = tuple(int(s) for s in image.shape[:3])
+            extent = compile_extent(shape, roi)
+            volume = jax.numpy.asarray(image, dtype="float32")  # to the device; padded there
+            if extent != shape:
+                volume = jax.numpy.pad(volume, [(0, e - s) for e, s in zip(extent, shape)] + [(0, 0)])
+            prob = jitted(_jax_state(ref()), volume, jax.numpy.asarray(mask, dtype="float32"),
+                          np.asarray(shape, np.int32), None if flips is None else np.asarray(flips, np.int32))
+            return prob if extent == shape else prob[:shape[0], :shape[1], :shape[2]]  # cropped on the device
 
         return run
     if backend == "tensorflow":
         import tensorflow as tf
 
-        @tf.function(input_signature=[tf.TensorSpec([None, None, None, m], tf.float32),
-                                      tf.TensorSpec([m], tf.float32), tf.TensorSpec([None, 3], tf.int32)])
-        def run(image, mask, flips):
-            model = ref()
-            return window_probabilities(lambda tiles, masks: logits_of(_call(model, {"image": tiles,
-                                                                                       "modality_mask": masks})),
-                                        image, mask, flips, **settings)
+        image_spec, mask_spec = tf.TensorSpec([None, None, None, m], tf.float32), tf.TensorSpec([m], tf.float32)
+
+        def logits_fn(tiles, masks):
+            return logits_of(_call(ref(), {"image": tiles, "modality_mask": masks}))
+
+        @tf.function(input_signature=[image_spec, mask_spec])
+        def plain(image, mask):
+            return window_probabilities(logits_fn, image, mask, None, **settings)
+
+        @tf.function(input_signature=[image_spec, mask_spec, tf.TensorSpec([None, 3], tf.int32)])
+        def flipped(image, mask, flips):
+            return window_probabilities(logits_fn, image, mask, flips, **settings)
+
+        def run(image, mask, flips=None):
+            return plain(image, mask) if flips is None else flipped(image, mask, np.asarray(flips, np.int32))
 
         return run
     raise NotImplementedError(f"sliding-window inference runs on the jax and tensorflow backends, not {backend!r}")
@@ -136,10 +172,11 @@ def _reference(model):
 
 
 def volume_function(model, *, roi_size, num_modalities, overlap, mode, sigma_scale, sw_batch_size):
-    """``run(image float32 [D, H, W, M], mask float32 [M], flips int32 [F, 3]) -> probabilities [D, H, W, C]``
-    (a backend tensor): :func:`~shaspec_tf.inference.window.window_probabilities` of ``model``, compiled for the
-    active backend, made once per model and settings and then reused. The model's logits are checked
-    symbolically (:func:`logits_spec`, a one-line ``ValueError``) when the function is made."""
+    """``run(image float32 [D, H, W, M], mask float32 [M], flips=None) -> probabilities [D, H, W, C]`` (a backend
+    tensor, on the device; ``flips``: ``None`` or int32 ``[F, 3]`` of test-time flips):
+    :func:`~shaspec_tf.inference.window.window_probabilities` of ``model``, compiled for the active backend, made
+    once per model and settings and then reused. The model's logits are checked symbolically (:func:`logits_spec`,
+    a one-line ``ValueError``) when the function is made."""
     import keras
 
     from shaspec_tf.inference.window import sigma_scales

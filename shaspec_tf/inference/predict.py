@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from shaspec_tf.inference.compiled import volume_function
+from shaspec_tf.inference.compiled import compile_extent, volume_function
 from shaspec_tf.inference.postprocess import postprocess, probabilities_to_labels
 from shaspec_tf.inference.window import FLIPS, ROI_DIVISOR, flip_rows, sigma_scales, window_starts
 
@@ -74,10 +74,12 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
                            tta_flips: bool = False, progress: bool = False) -> np.ndarray:
     """Region probabilities ``float32 [D, H, W, C]`` (C = 3: ET, WT, TC) of ONE volume of any size.
 
-    The whole window runs compiled with the model (one ``jax.jit`` under JAX, one ``tf.function`` under
-    TensorFlow; see :mod:`shaspec_tf.inference.compiled`), made on the first call for a model and these settings
-    and reused afterwards: under JAX once more per new volume size, under TensorFlow never (the mask never causes a
-    new compilation). Only the probabilities come back to the host.
+    The whole window runs on the device, compiled with the model (one ``jax.jit`` under JAX, one ``tf.function``
+    under TensorFlow; see :mod:`shaspec_tf.inference.compiled`): padding, tile gathering, the model's logits in
+    batches of ``sw_batch_size`` tiles, sigmoids, blending and cropping. It is made on the first call for a model
+    and these settings and reused afterwards: under JAX compiled once more per new extent (the volume size rounded
+    up to half a window per axis, :func:`~shaspec_tf.inference.compiled.compile_extent`), under TensorFlow never;
+    the mask and the weights never cause a new compilation. Only the probabilities come back to the host.
 
     Args:
         model: a segmenter, called (traced) as ``model({"image": [b, *roi_size, M], "modality_mask": [b, M]},
@@ -111,25 +113,30 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
     if isinstance(sw_batch_size, bool) or int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}")
     scales = sigma_scales(sigma_scale)
-    tiles = math.prod(len(window_starts(s, r, overlap)) for s, r in zip(image.shape[:3], roi))
-    run = volume_function(model, roi_size=roi, num_modalities=m, overlap=overlap, mode=mode, sigma_scale=scales,
-                          sw_batch_size=min(int(sw_batch_size), tiles))
 
     import keras
 
-    flips = flip_rows(FLIPS if tta_flips else [()])
-    bar = _progress_bar(progress, len(flips))
+    # Never more windows per model call than there are windows (in the extent the compiled function runs on, so
+    # that volumes sharing an extent share a compilation).
+    extent = compile_extent(image.shape[:3], roi) if keras.backend.backend() == "jax" else image.shape[:3]
+    tiles = math.prod(len(window_starts(s, r, overlap)) for s, r in zip(extent, roi))
+    run = volume_function(model, roi_size=roi, num_modalities=m, overlap=overlap, mode=mode, sigma_scale=scales,
+                          sw_batch_size=min(int(sw_batch_size), tiles))
+
+    flips = flip_rows(FLIPS) if tta_flips else None
+    bar = _progress_bar(progress, 1 if flips is None else len(flips))
     if bar is None:
         return np.asarray(keras.ops.convert_to_numpy(run(image, mask, flips)), dtype=np.float32)
     try:
         result = None
-        for row in flips:
-            prob = np.asarray(keras.ops.convert_to_numpy(run(image, mask, row[None])), dtype=np.float32)
+        for row in ([None] if flips is None else flips):
+            prob = np.asarray(keras.ops.convert_to_numpy(run(image, mask, None if row is None else row[None])),
+                              dtype=np.float32)
             result = prob if result is None else result + prob
             bar.update(1)
     finally:
         bar.close()
-    return result / np.float32(len(flips)) if len(flips) > 1 else result
+    return result / np.float32(len(flips)) if flips is not None else result
 
 
 def predict_case(model, image, modality_mask, *, threshold: float = 0.5, postprocess_options: dict | None = None,

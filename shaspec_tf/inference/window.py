@@ -8,9 +8,13 @@ NumPy) they give the host values of :func:`window_starts` and :func:`gaussian_im
 ``keras.ops`` on (possibly symbolic) tensors they are the graph's. ``import shaspec_tf.inference`` does not import
 Keras: the keras-side functions import it when called.
 
-The blend is backend-free ``keras.ops`` except for one choice, in :func:`_add_window`: how a window is added into
-the accumulator (an in-place ``slice_update`` under JAX, a padded add of core ops under TensorFlow, so that the
-exported ``segment_volume`` graph holds no XLA op).
+The blend is backend-free ``keras.ops`` except for two choices: how a window is added into the accumulator
+(:func:`_add_window`: an in-place ``slice_update`` under JAX, a padded add of core ops under TensorFlow, so that the
+exported ``segment_volume`` graph holds no XLA op), and how the loop over batches of windows runs
+(:func:`_sequential`: a plain XLA loop under JAX, a ``while_loop`` whose iterations wait for each other under
+TensorFlow). The volume may arrive zero-padded beyond its true ``size`` (a runtime input): the windows are still
+those of ``size``, so one compiled shape serves many volume sizes (see
+:func:`shaspec_tf.inference.compiled.compile_extent`).
 """
 from __future__ import annotations
 
@@ -131,12 +135,25 @@ def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 0.125)
 # ----------------------------------------------------------------------------------------------------------------
 # The blend, in keras.ops
 # ----------------------------------------------------------------------------------------------------------------
-def _flip(x, flags):
-    """``x`` flipped along each of its first three axes whose entry of ``flags`` (int [3], runtime) is 1."""
+_TINY = 1e-20  # the weight total's floor: voxels no window covers (padding of a larger extent) come out as 0
+
+
+def _flip(x, flags, size=None):
+    """``x`` flipped along each of its first three axes whose entry of ``flags`` (int [3], runtime) is 1.
+
+    With ``size`` (the extent [3] of the data inside ``x``, zero-padded after its end), the flip is within
+    ``[0, size)``: a flip of the whole axis, then a roll by ``size - extent``, so that the data are reversed in
+    place and the padding stays after them. Flipping twice is the identity on ``[0, size)``.
+    """
     import keras
 
+    ops = keras.ops
     for axis in range(3):
-        x = keras.ops.cond(flags[axis] > 0, lambda x=x, axis=axis: keras.ops.flip(x, axis=axis), lambda x=x: x)
+        def flipped(x=x, axis=axis):
+            y = ops.flip(x, axis=axis)
+            return y if size is None else ops.roll(y, size[axis] - ops.shape(x)[axis], axis=axis)
+
+        x = ops.cond(flags[axis] > 0, flipped, lambda x=x: x)
     return x
 
 
@@ -161,18 +178,46 @@ def _add_window(accum, corner, update, padded):
     return accum + ops.pad(update, pads)
 
 
-def _blend(logits_fn, volume, mask, weights, roi, overlap, sw_batch_size: int, num_classes: int):
-    """Probabilities ``[D, H, W, C]`` of one volume ``[D, H, W, M]``: every window through ``logits_fn``,
-    ``sw_batch_size`` windows per call, a sigmoid per window, weighted average of the overlaps."""
+def _sequential(count, body, state):
+    """``state`` after ``state = body(i, state)`` for ``i`` in ``range(count)``, one iteration after the other.
+
+    JAX: ``fori_loop`` when ``count`` is a Python int (a static trip count: XLA needs no host round trip per
+    iteration to test the condition), else ``while_loop``. TensorFlow: ``while_loop`` whose condition reads the
+    state, so that each iteration waits for the previous one (``tf.while_loop`` otherwise runs up to 10 at once,
+    each holding a batch of tile activations); the state's first value is never -1 (weights and probabilities are
+    not negative).
+    """
+    import keras
+
+    ops = keras.ops
+    if keras.backend.backend() == "jax":
+        if _is_int(count):
+            return ops.fori_loop(0, int(count), body, state)
+        return ops.while_loop(lambda i, s: i < count, lambda i, s: (i + 1, body(i, s)), (0, state))[1]
+
+    def more(i, s):
+        probe = ops.reshape(ops.slice(s, [0] * len(s.shape), [1] * len(s.shape)), ())
+        return ops.logical_and(i < count, ops.not_equal(probe, -1.0))
+
+    return ops.while_loop(more, lambda i, s: (i + 1, body(i, s)), (0, state))[1]
+
+
+def _blend(logits_fn, volume, mask, weights, roi, overlap, sw_batch_size: int, num_classes: int, size=None):
+    """Probabilities ``[*extent, C]`` of one volume ``[*extent, M]``: every window through ``logits_fn``,
+    ``sw_batch_size`` windows per call, a sigmoid per window, weighted average of the overlaps. The windows are
+    those of ``size`` (the data's extent inside a zero-padded ``volume``; default: the volume's own shape)."""
     import keras
 
     ops = keras.ops
     shape = ops.shape(volume)
-    size, m = shape[:3], shape[3]
-    grids = [window_grid(s, r, overlap) for s, r in zip(size, roi)]
-    padded = [g[0] for g in grids]
+    extent, m = list(shape[:3]), shape[3]
+    data = extent if size is None else [size[i] for i in range(3)]
+    grids = [window_grid(s, r, overlap) for s, r in zip(data, roi)]
     counts = [g[1] for g in grids]
-    volume = ops.pad(volume, [[0, p - s] for p, s in zip(padded, size)] + [[0, 0]])  # zeros after each end
+    # The accumulator covers the volume and at least one window along each axis (zeros after a short axis' end).
+    padded = [_maximum(e, r) for e, r in zip(extent, roi)]
+    if not all(_is_int(p) and _is_int(e) and p == e for p, e in zip(padded, extent)):
+        volume = ops.pad(volume, [[0, p - e] for p, e in zip(padded, extent)] + [[0, 0]])
     tiles = counts[0] * counts[1] * counts[2]
     batch = min(sw_batch_size, tiles) if _is_int(tiles) else sw_batch_size
     batches = (tiles + batch - 1) // batch
@@ -193,23 +238,19 @@ def _blend(logits_fn, volume, mask, weights, roi, overlap, sw_batch_size: int, n
         for j, (k, c) in enumerate(zip(ks, corners)):
             w = weights * ops.cast(k < tiles, "float32")
             accum = _add_window(accum, c, ops.concatenate([prob[j] * w, w], axis=-1), padded)
-        return b + 1, accum
-
-    def more(b, accum):
-        # Reading the accumulator makes each batch wait for the previous one (else tf.while_loop runs up to 10
-        # iterations at once, each holding a batch of tile activations); the weight total is never -1.
-        total = ops.reshape(ops.slice(accum, [0, 0, 0, num_classes], [1, 1, 1, 1]), ())
-        return ops.logical_and(b < batches, ops.not_equal(total, -1.0))
+        return accum
 
     accum = ops.zeros(list(padded) + [num_classes + 1], "float32")  # weighted probabilities + total weight
-    _, accum = ops.while_loop(more, body, (0, accum))
-    prob = accum[..., :num_classes] / accum[..., num_classes:]
-    return ops.slice(prob, [0, 0, 0, 0], list(size) + [num_classes])
+    accum = _sequential(batches, body, accum)
+    prob = accum[..., :num_classes] / ops.maximum(accum[..., num_classes:], _TINY)
+    return ops.slice(prob, [0, 0, 0, 0], extent + [num_classes])
 
 
-def window_probabilities(logits_fn, image, mask, flips, *, roi_size, num_classes: int, overlap: float = 1 / 3,
-                         mode: str = "gaussian", sigma_scale=0.125, sw_batch_size: int = 4):
-    """Sliding-window region probabilities ``float32 [D, H, W, C]`` of one volume, in ``keras.ops``.
+def window_probabilities(logits_fn, image, mask, flips=None, *, roi_size, num_classes: int, overlap: float = 1 / 3,
+                         mode: str = "gaussian", sigma_scale=0.125, sw_batch_size: int = 4, size=None):
+    """Sliding-window region probabilities ``float32 [D, H, W, C]`` of one volume, in ``keras.ops``: zero padding
+    of short axes, the tiles gathered ``sw_batch_size`` at a time, the model's logits, a sigmoid per tile, the
+    weighted blend and the crop all run in the caller's compiled function; nothing leaves it but the result.
 
     Meant to run inside a compiled function (:func:`shaspec_tf.inference.compiled.volume_function`, the
     ``segment_volume`` signature); D, H, W may be dynamic (a ``tf.function`` input of shape ``[None, None, None,
@@ -219,11 +260,15 @@ def window_probabilities(logits_fn, image, mask, flips, *, roi_size, num_classes
         logits_fn: ``(tiles [B, *roi_size, M], masks [B, M]) -> logits [B, *roi_size, C]``; the model's
             ``"logits"`` output only, so nothing else leaves it.
         image: ``[D, H, W, M]``; mask: ``[M]`` of 0/1 (a runtime input: any mask, one compiled function).
-        flips: int ``[F, 3]`` of 0/1, one row per flip (``[[0, 0, 0]]``: no test-time augmentation); the result
-            is the mean over the rows of the probabilities of the image flipped along the axes marked 1, flipped
-            back.
+        flips: ``None`` (no test-time augmentation: no flip in the graph) or int ``[F, 3]`` of 0/1, one row per
+            flip; the result is then the mean over the rows of the probabilities of the image flipped along the
+            axes marked 1, flipped back.
         roi_size, num_classes, overlap, mode, sigma_scale, sw_batch_size: static; ``mode`` is ``"gaussian"``
             (:func:`gaussian_weights`) or ``"constant"`` (equal weights, the official ``predict_sliding``).
+        size: ``None``, or the extent (int ``[3]``, may be a runtime tensor) of the data inside ``image`` when
+            ``image`` is zero-padded after it (one compiled shape for many volume sizes): the windows, flips and
+            blend are then those of a ``size`` volume, and the result keeps ``image``'s extent (crop it to
+            ``size``; voxels no window covers are 0).
     """
     import keras
 
@@ -231,24 +276,24 @@ def window_probabilities(logits_fn, image, mask, flips, *, roi_size, num_classes
     roi = tuple(int(r) for r in roi_size)
     image = ops.cast(image, "float32")
     mask = ops.cast(mask, "float32")
-    flips = ops.cast(flips, "int32")
+    if size is not None:
+        size = ops.cast(size, "int32")
     if mode == "gaussian":
         weights = gaussian_weights(roi, sigma_scale, xp=ops, dtype="float32")
     elif mode == "constant":
         weights = ops.ones(roi, "float32")
     else:
         raise ValueError(f"mode must be 'gaussian' or 'constant', got {mode!r}")
-    count = ops.shape(flips)[0]
+    settings = (weights, roi, overlap, sw_batch_size, num_classes)
+    if flips is None:
+        return _blend(logits_fn, image, mask, *settings, size=size)
+    flips = ops.cast(flips, "int32")
 
     def body(f, total):
         flags = ops.take(flips, f, axis=0)
-        prob = _blend(logits_fn, _flip(image, flags), mask, weights, roi, overlap, sw_batch_size, num_classes)
-        return f + 1, total + _flip(prob, flags)
+        prob = _blend(logits_fn, _flip(image, flags, size), mask, *settings, size=size)
+        return total + _flip(prob, flags, size)
 
-    def more(f, total):  # as in _blend: one flip at a time
-        first = ops.reshape(ops.slice(total, [0, 0, 0, 0], [1, 1, 1, 1]), ())
-        return ops.logical_and(f < count, ops.not_equal(first, -1.0))
-
-    total = ops.zeros(list(ops.shape(image)[:3]) + [num_classes], "float32")
-    _, total = ops.while_loop(more, body, (0, total))
+    count = ops.shape(flips)[0]
+    total = _sequential(count, body, ops.zeros(list(ops.shape(image)[:3]) + [num_classes], "float32"))
     return total / ops.cast(count, "float32")

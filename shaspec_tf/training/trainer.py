@@ -214,9 +214,11 @@ def train(config: TrainConfig, callbacks=()) -> dict:
     (``complete``: the run had already finished, and nothing was trained; ``chief``: this process wrote the run
     folder, false on the other workers of a multi-worker cluster, see :mod:`shaspec_tf.training.distribute`). The
     mixed-precision policy applies for the duration of the call and is restored afterwards."""
+    from shaspec_tf.compile_cache import enable_compile_cache
     from shaspec_tf.training.distribute import cluster
 
     c = config.resolved()
+    enable_compile_cache()   # before anything compiles: a second run (or a resumed one) loads what the first compiled
     if c.deterministic and c.mixed_precision == "bf16" and "tensorflow" not in sys.modules:
         # oneDNN's bf16 CPU kernels are not reproducible (TF 2.16; see the README). Its float32 ones were in every
         # resume checked, and without oneDNN a 3D training step on a CPU is 8 (eager) to 50 (graph) times slower.
