@@ -13,6 +13,12 @@ Everything about the run comes from ``custom_config`` (``pipeline.configs.TaskCo
 the exporter's ``overlap`` when set (default: ``shaspec_tf.inference``'s). Keys that are not ``TrainConfig``'s
 (Vertex AI's job settings) stay with the orchestrator.
 
+Under ``KERAS_BACKEND=jax`` (set on the Trainer's container: the fast path, XLA) the model trains under JAX, its input
+still a ``tf.data`` pipeline on the CPU (TensorFlow is kept off the GPUs, which JAX holds), and the train step is
+compiled (``jit_compile`` defaults to true there unless the config sets it or ``run_eagerly``); the TF Serving export,
+TensorFlow code, runs in a child process under the TensorFlow backend
+(:func:`shaspec_tf.backends.export_under_tensorflow`), from the weights in ``Format-Shaspec``.
+
 Every folder may be a ``gs://`` URI (the Trainer on Vertex AI): files go through ``shaspec_tf.fileio``, and the
 SavedModel is exported locally and uploaded whole. When the Trainer runs on several replicas (``TF_CONFIG`` with more
 than one task) each replica calls :func:`run_fn`; they train together (``MultiWorkerMirroredStrategy``) and only the
@@ -48,15 +54,33 @@ def _unversion_manifest(saved_model: str) -> None:
     fileio.atomic_write_json(path, manifest)
 
 
+def training_options(config: dict, backend: str) -> dict:
+    """``config`` with the defaults of ``backend``: under JAX the train step is compiled unless the config says
+    otherwise (Keras' JAX trainer without ``jit_compile`` dispatches every op on its own). TensorFlow's
+    distribution strategies are refused there with a one-line error."""
+    from shaspec_tf.training.distribute import cluster
+
+    if backend != "jax":
+        return config
+    if config.get("strategy", "default") != "default" or cluster()["workers"] > 1:
+        what = f"strategy {config['strategy']!r}" if config.get("strategy", "default") != "default" else \
+            "a multi-worker TF_CONFIG"
+        raise ValueError(f"{what} is TensorFlow's (tf.distribute): the Trainer runs KERAS_BACKEND=jax on one "
+                         f"machine; use the default strategy or KERAS_BACKEND=tensorflow")
+    if "jit_compile" not in config and not config.get("run_eagerly"):
+        config = dict(config, jit_compile=True)
+    return config
+
+
 def run_fn(fn_args) -> None:
-    from shaspec_tf.export import export_model
+    from shaspec_tf.backends import backend, export_under_tensorflow, keep_tensorflow_off_accelerators
     from shaspec_tf.tasks import get_task
-    from shaspec_tf.trained import load_trained
     from shaspec_tf.training.trainer import TrainConfig, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "data", "out"}
-    config = dict(fn_args.custom_config or {})
+    config = training_options(dict(fn_args.custom_config or {}), backend())
     task = get_task(config["task"])
+    keep_tensorflow_off_accelerators()  # under JAX: tf.data input on the CPU, the GPU left to JAX
     result = train(TrainConfig(task=task.name, data=examples_folder(fn_args.train_files), out=fn_args.model_run_dir,
                                **{k: v for k, v in config.items() if k in fields}))
     if not result.get("chief", True):
@@ -74,11 +98,12 @@ def run_fn(fn_args) -> None:
     local = not fileio.is_uri(serving)
     scratch = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(serving) if local else None)
     try:
-        model = load_trained(model_dir)
         # the exporter's sliding window: the task's inference settings (overlap: the config's, when it sets one)
-        window = {k: v for k, v in task.inference_options(model.shaspec_config, overlap=config.get("overlap")).items()
+        model_config = fileio.read_json(fileio.join(model_dir, "model_config.json"))
+        window = {k: v for k, v in task.inference_options(model_config, overlap=config.get("overlap")).items()
                   if k in ("overlap", "sigma_scale")}
-        version = export_model(model, scratch, "model", 1, source=model_dir, **window)
+        # TensorFlow code: here under the TensorFlow backend, else (JAX) in a TensorFlow child process
+        version = export_under_tensorflow(model_dir, scratch, "model", 1, **window)
         _unversion_manifest(version)
         fileio.remove_tree(serving)
         if local:

@@ -259,10 +259,12 @@ def _train(c: TrainConfig, found: dict, options: dict, callbacks, out: str) -> d
     import keras
     import tensorflow as tf
 
+    from shaspec_tf.backends import keep_tensorflow_off_accelerators
     from shaspec_tf.data.input import ModalityDropout
     from shaspec_tf.training import checkpoint, distribute
     from shaspec_tf.training.schedules import make_optimizer, make_schedule
 
+    keep_tensorflow_off_accelerators()  # under JAX, TensorFlow only feeds tf.data: the GPU memory stays JAX's
     if c.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(c.seed)
