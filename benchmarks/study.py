@@ -170,7 +170,7 @@ def plot_study(summary: dict, runs: Sequence[Run], subsets: Sequence[str], path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(subsets) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(subsets) + 2), 4.2 + 0.25 * ((len(runs) + 1) // 2)))
     width = 0.8 / max(1, len(runs))
     for k, run in enumerate(runs):
         xs, means, stds = [], [], []
@@ -190,7 +190,7 @@ def plot_study(summary: dict, runs: Sequence[Run], subsets: Sequence[str], path:
     ax.set_title(title)
     low = min((c["mean"] - c["std"] for r in summary["runs"].values() for c in r.values()), default=0.0)
     ax.set_ylim(max(0.0, low - 5), 100)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     fig.tight_layout()
     with fileio.atomic_path(path, ".png") as local:
         fig.savefig(local, dpi=120)
