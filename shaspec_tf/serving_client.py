@@ -10,7 +10,8 @@ Failures raise :class:`ServingError` (a ``ValueError``) naming the server, the s
 Part of the library because it talks to any server of TF Serving's API (the ``tensorflow/serving`` container
 included) about the models that :mod:`shaspec_tf.export` writes; it needs only the ``serving`` install extras
 (``tensorflow-serving-api``, ``grpcio``; REST needs nothing more), imported when a client is made. The local server
-(``shaspec serve``) is the serving app's (``shaspec_serving/server.py``); ``shaspec_serving.client`` re-exports this module.
+(``shaspec serve``) is the serving app's (``shaspec_serving/server.py``); ``shaspec_serving.client`` re-exports this
+module.
 """
 from __future__ import annotations
 

@@ -70,8 +70,8 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     BraTS: sliding-window inference over each whole (cropped) case (window: ``roi_size``, default the training crop;
     ``overlap``: default the inference module's), labels in BraTS values, Dice and HD95 per region in mm; only cases
     with every modality enter the subset matrix (others are listed under ``"skipped"``). AV-MNIST: accuracy per
-    subset, ``batch_size`` samples per forward pass. ``overlay_cases``: segmentation, how many cases' predictions to keep
-    for the overlay pictures of :func:`shaspec_tf.evaluation.write_reports` (``None``: its default, 0: none).
+    subset, ``batch_size`` samples per forward pass. ``overlay_cases``: segmentation, how many cases' predictions to
+    keep for the overlay pictures of :func:`shaspec_tf.evaluation.write_reports` (``None``: its default, 0: none).
 
     A corrupt or truncated TFRecord file is a one-line ``ValueError`` naming the file and record.
     """

@@ -165,10 +165,11 @@ def test_serve_reads_its_models_from_the_bucket(gcs, on_bucket, local):
     from shaspec_tf.trained import load_trained
 
     grpc_port, rest_port = free_port(), free_port()
-    server = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "shaspec_serving.cli", "serve", "--model-base",
-                               f"{on_bucket['bucket']}/models", "--grpc-port", str(grpc_port), "--rest-port",
-                               str(rest_port), "--poll-seconds", "30"], cwd=ROOT, env={**os.environ, **gcs.env()},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "shaspec_serving.cli", "serve",
+                               "--model-base", f"{on_bucket['bucket']}/models", "--grpc-port", str(grpc_port),
+                               "--rest-port", str(rest_port), "--poll-seconds", "30"], cwd=ROOT,
+                              env={**os.environ, **gcs.env()}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
     url = f"http://127.0.0.1:{rest_port}/v1/models/seg"
     try:
         deadline, status = time.time() + 120, None

@@ -28,8 +28,8 @@ OPTIONS = dict(task="avmnist", preset="avmnist-tiny", variant="baseline", steps=
 
 
 def _cli(bucket):
-    return [sys.executable, "-m", "shaspec_serving.cli", "train", "--task", "avmnist", "--data", f"{bucket}/av", "--out",
-            f"{bucket}/run", "--preset", "avmnist-tiny", "--variant", "baseline", "--steps", str(STEPS),
+    return [sys.executable, "-m", "shaspec_serving.cli", "train", "--task", "avmnist", "--data", f"{bucket}/av",
+            "--out", f"{bucket}/run", "--preset", "avmnist-tiny", "--variant", "baseline", "--steps", str(STEPS),
             "--checkpoint-every", "1", "--batch-size", "4"]
 
 

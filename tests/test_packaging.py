@@ -172,8 +172,9 @@ def _closure(requirements, extra=""):
 
 
 def test_the_apps_imports_come_with_their_extras(wheel, owners):
-    """shaspec_serving/ holds the ``shaspec`` program: its module-level imports must be in the base install. pipeline/ and
-    components/ run with the ``pipeline`` extra, whose dependencies (TFX's own among them) cover what they import."""
+    """shaspec_serving/ holds the ``shaspec`` program: its module-level imports must be in the base install.
+    pipeline/ and components/ run with the ``pipeline`` extra, whose dependencies (TFX's own among them) cover what
+    they import."""
     declared = _declared(wheel[0])
     base = set(_closure(declared[""].values()))
     for package, extras in (("shaspec_serving", ("serving",)), ("pipeline", ("pipeline",)),
