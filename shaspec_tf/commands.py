@@ -270,8 +270,8 @@ def predict(args, extra) -> int:
 
 
 def export(args, extra) -> int:
-    from shaspec_tf.export import export_trained
+    from shaspec_tf.backends import export_under_tensorflow  # a TensorFlow child process under KERAS_BACKEND=jax
 
-    path = export_trained(args.model, args.out, args.name, args.version, overlap=args.overlap)
+    path = export_under_tensorflow(args.model, args.out, args.name, args.version, overlap=args.overlap)
     print(f"exported {fileio.absolute(args.model)} -> {fileio.absolute(path)}")
     return 0

@@ -318,14 +318,10 @@ def export_model(model, base: str, name: str, version: Optional[int] = None, *, 
 
 
 def export_trained(model_dir: str, base: str, name: str, version: Optional[int] = None, **kwargs) -> str:
-    """:func:`export_model` of the model saved by ``shaspec train`` in ``model_dir``. The signatures are TensorFlow
-    code: a process of another Keras backend (``KERAS_BACKEND=jax shaspec export``) exports through a TensorFlow child
-    process (:func:`shaspec_tf.backends.export_under_tensorflow`)."""
-    from shaspec_tf.backends import backend, export_under_tensorflow
+    """:func:`export_model` of the model saved by ``shaspec train`` in ``model_dir``, under the TensorFlow backend
+    (the signatures are TensorFlow code; from a process of another backend use
+    :func:`shaspec_tf.backends.export_under_tensorflow`)."""
     from shaspec_tf.trained import load_trained
-
-    if backend() != "tensorflow":
-        return export_under_tensorflow(model_dir, base, name, version, **kwargs)
 
     return export_model(load_trained(model_dir), base, name, version,
                         source=fileio.absolute(model_dir), **kwargs)
