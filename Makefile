@@ -14,12 +14,13 @@ demo: venv
 
 # The whole suite under TensorFlow, then the model library again under KERAS_BACKEND=jax. The TensorFlow pass runs
 # in two worker processes (pytest-xdist), a test file to a worker: much of it waits on child processes (Beam, TFX's
-# entrypoints, the Cloud Storage emulator, servers), so two keep a 2-core machine busy.
+# entrypoints, the Cloud Storage emulator, servers), so two keep a 2-core machine busy. Each pass ends by listing its
+# slowest tests (--durations), so a CI log shows where the 30-minute budget goes.
 test: venv
 	$(MAKE) --no-print-directory test-tf test-jax
 
 test-tf:
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-jax:
-	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not tensorflow" $(MODEL_TESTS)
+	KERAS_BACKEND=jax $(PY) -m pytest -q -m "not tensorflow" --durations=10 $(MODEL_TESTS)
