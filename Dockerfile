@@ -2,8 +2,15 @@
 # SHASPEC_IMAGE): this repository installed with the same pinned set as .venv. Not built by the test suite (no Docker
 # there); tests/test_packaging.py checks what can be checked without it.
 #
-#   docker build -t IMAGE .                           CPU
-#   docker build --build-arg VARIANT=gpu -t IMAGE .   GPU: TensorFlow 2.16's CUDA 12.3 / cuDNN 8.9 wheels
+#   docker build -t IMAGE .                               CPU
+#   docker build --build-arg VARIANT=gpu -t IMAGE .       GPU: TensorFlow 2.16's CUDA 12.3 / cuDNN 8.9 wheels
+#   docker build --build-arg VARIANT=jax-gpu -t IMAGE .   GPU for the JAX Trainer (kubeflow_v2_runner.py
+#                                                         --trainer-backend jax): jax[cuda12] (cuDNN 9, pinned in
+#                                                         constraints-jax-gpu.txt) beside TensorFlow, which runs on
+#                                                         the CPU there (its CUDA wheels want cuDNN 8.9: pip cannot
+#                                                         install both). KERAS_BACKEND is not set in the image: the
+#                                                         compiled spec starts the Trainer alone with KERAS_BACKEND=jax,
+#                                                         every other step keeps TensorFlow.
 #
 # `tfx pipeline create --engine vertex --build_image` builds this file from the repository root (CPU: TFX passes no
 # build arguments) and pushes it to SHASPEC_IMAGE.
@@ -17,7 +24,8 @@ COPY . .
 RUN case "$VARIANT" in \
         cpu) cuda="" ;; \
         gpu) cuda="tensorflow[and-cuda]==2.16.2" ;; \
-        *) echo "VARIANT must be cpu or gpu, got '$VARIANT'" >&2; exit 1 ;; \
+        jax-gpu) cuda="jax[cuda12]==0.4.30 -c constraints-jax-gpu.txt" ;; \
+        *) echo "VARIANT must be cpu, gpu or jax-gpu, got '$VARIANT'" >&2; exit 1 ;; \
     esac \
     && apt-get update && apt-get install -y --no-install-recommends g++ \
     && pip install -c constraints.txt ".[pipeline,serving]" $cuda \

@@ -19,6 +19,14 @@ compiled (``jit_compile`` defaults to true there unless the config sets it or ``
 TensorFlow code, runs in a child process under the TensorFlow backend
 (:func:`shaspec_tf.backends.export_under_tensorflow`), from the weights in ``Format-Shaspec``.
 
+The backend must be in the environment when the process starts: TFX's container entrypoint (and its Trainer
+executor) import TensorFlow and with it Keras, which fixes its backend at that first import, before ``run_fn`` is
+called; setting ``KERAS_BACKEND`` here would change nothing. So the cloud pipeline's ``trainer_backend``
+(``pipeline/configs.py``) is written into the compiled spec, the Trainer step's ``container.env`` or the Vertex AI
+job's ``container_spec.env``, and reaches ``run_fn`` as ``custom_config["keras_backend"]``: a Trainer that finds
+itself on another backend stops with a one-line error (:func:`training_options`) instead of training, say, on the
+CPU of a JAX image whose TensorFlow cannot use the GPU.
+
 Every folder may be a ``gs://`` URI (the Trainer on Vertex AI): files go through ``shaspec_tf.fileio``, and the
 SavedModel is exported locally and uploaded whole. When the Trainer runs on several replicas (``TF_CONFIG`` with more
 than one task) each replica calls :func:`run_fn`; they train together (``MultiWorkerMirroredStrategy``) and only the
@@ -57,9 +65,17 @@ def _unversion_manifest(saved_model: str) -> None:
 def training_options(config: dict, backend: str) -> dict:
     """``config`` with the defaults of ``backend``: under JAX the train step is compiled unless the config says
     otherwise (Keras' JAX trainer without ``jit_compile`` dispatches every op on its own). TensorFlow's
-    distribution strategies are refused there with a one-line error."""
+    distribution strategies are refused there with a one-line error, and so is a ``keras_backend`` (the pipeline's
+    ``trainer_backend``) that is not ``backend``: the container did not get the environment the spec gives it."""
     from shaspec_tf.training.distribute import cluster
 
+    config = dict(config)
+    wanted = config.pop("keras_backend", None)
+    if wanted and wanted != backend:
+        image = " in an image that holds jax (Dockerfile VARIANT=jax-gpu)" if wanted == "jax" else ""
+        raise ValueError(f"the pipeline trains under Keras backend {wanted!r} but this Trainer runs {backend!r}: "
+                         f"KERAS_BACKEND={wanted} must be in the Trainer container's environment when it starts "
+                         f"(the compiled spec sets it){image}")
     if backend != "jax":
         return config
     if config.get("strategy", "default") != "default" or cluster()["workers"] > 1:

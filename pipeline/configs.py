@@ -126,6 +126,9 @@ class PipelineConfig:
     vertex_training: bool = False               # run the Trainer as a Vertex AI custom job (worker pool spec)
     gcp_project: str = ""
     gcp_region: str = "us-central1"
+    # The Keras backend the Trainer trains under in the cloud (TRAINER_BACKENDS); None: whatever the Trainer's
+    # process has (local runs: this process). Set, it reaches run_fn, which refuses to train under another one.
+    trainer_backend: Optional[str] = None
 
     def __post_init__(self):
         self.metadata_path = self.metadata_path or fileio.join(self.root, "metadata.db")
@@ -135,9 +138,18 @@ class PipelineConfig:
             raise ValueError(f"tasks must be a non-empty list without repeats, got {names}")
         if not self.beam_pipeline_args:
             self.beam_pipeline_args = local_beam_args()
+        if self.trainer_backend is not None and self.trainer_backend not in TRAINER_BACKENDS:
+            raise ValueError(f"unknown Trainer backend {self.trainer_backend!r}: expected one of "
+                             f"{', '.join(TRAINER_BACKENDS)}")
 
     def task(self, name: str) -> TaskConfig:
         return next(t for t in self.tasks if t.task == name)
+
+    def trainer_environment(self) -> dict:
+        """The variables the Trainer's container must start with: ``KERAS_BACKEND`` when it trains under JAX (Keras
+        fixes its backend at its first import, which TFX's container entrypoint does before ``run_fn``). Empty for
+        TensorFlow, Keras' default, so that spec is as before."""
+        return {"KERAS_BACKEND": "jax"} if self.trainer_backend == "jax" else {}
 
 
 def local_beam_args(workers: Optional[int] = None) -> List[str]:
@@ -217,12 +229,18 @@ CLOUD = {
     "brats": dict(preset="paper", steps=50000, batch_size=1, checkpoint_every=1000, min_mean=0.5, min_worst=0.2),
     "avmnist": dict(preset="avmnist", steps=None, epochs=60, min_mean=0.9, min_worst=0.5),
 }
-# The hardware: PipelineConfig's defaults (written there once), and every branch's tf.distribute strategy.
+# The hardware: PipelineConfig's defaults (written there once), every branch's tf.distribute strategy and the
+# Trainer's Keras backend. TensorFlow by default: it is what the CPU and GPU images hold, and the strategies
+# (mirrored over the machine's GPUs, multi-worker) are TensorFlow's. "jax" needs the image of the Dockerfile's
+# VARIANT=jax-gpu, trains on one accelerator, and its strategy defaults to "default" (BACKEND_STRATEGY).
 _PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig)}
+TRAINER_BACKENDS = ("tensorflow", "jax")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+BACKEND_STRATEGY = {"tensorflow": "mirrored", "jax": "default"}
 CLOUD_DEFAULTS = dict(region=_PIPELINE_DEFAULTS["gcp_region"], machine_type=_PIPELINE_DEFAULTS["trainer_machine_type"],
                       accelerator=_PIPELINE_DEFAULTS["trainer_accelerator_type"],
-                      accelerator_count=_PIPELINE_DEFAULTS["trainer_accelerator_count"], strategy="mirrored")
-STRATEGIES = ("default", "mirrored", "multi_worker")
+                      accelerator_count=_PIPELINE_DEFAULTS["trainer_accelerator_count"],
+                      strategy=BACKEND_STRATEGY["tensorflow"], trainer_backend="tensorflow")
 
 
 def cloud(root: str, image: str, inputs: dict, project: str = "", vertex_training: bool = False,
@@ -230,15 +248,22 @@ def cloud(root: str, image: str, inputs: dict, project: str = "", vertex_trainin
           **resources) -> PipelineConfig:
     """The pipeline for Kubeflow Pipelines v2 / Vertex AI: one :data:`CLOUD` branch per task in ``inputs``
     (``{task: input folder}``); ``task_overrides`` (``{task: {field: value}}``) change a branch's settings and
-    ``resources`` (``region``, ``machine_type``, ``accelerator``, ``accelerator_count``, ``strategy``) the
-    :data:`CLOUD_DEFAULTS`.
+    ``resources`` (``region``, ``machine_type``, ``accelerator``, ``accelerator_count``, ``strategy``,
+    ``trainer_backend``) the :data:`CLOUD_DEFAULTS`; a strategy left out (or ``None``) is the backend's
+    (:data:`BACKEND_STRATEGY`). The JAX Trainer runs on one machine with one accelerator: a TensorFlow strategy or
+    more than one accelerator is refused here, before anything reaches the cloud.
 
     Every path must be a URI the pipeline's containers can reach (``gs://...``): a local path names the disk of the
     machine that compiles, not theirs. Dataflow and Vertex AI training need the Google Cloud ``project``."""
     unknown = sorted(set(resources) - set(CLOUD_DEFAULTS))
     if unknown:
         raise TypeError(f"cloud() got unknown settings {unknown}: expected some of {', '.join(CLOUD_DEFAULTS)}")
-    settings = {**CLOUD_DEFAULTS, **resources}
+    settings = {**CLOUD_DEFAULTS, **{k: v for k, v in resources.items() if v is not None}}
+    backend = settings["trainer_backend"]
+    if backend not in TRAINER_BACKENDS:
+        raise ValueError(f"unknown Trainer backend {backend!r}: expected one of {', '.join(TRAINER_BACKENDS)}")
+    if resources.get("strategy") is None:
+        settings["strategy"] = BACKEND_STRATEGY[backend]
     region, strategy, accelerator_count = settings["region"], settings["strategy"], settings["accelerator_count"]
     if not inputs:
         raise ValueError(f"no task to run: give the input of at least one of {', '.join(CLOUD)}")
@@ -264,8 +289,23 @@ def cloud(root: str, image: str, inputs: dict, project: str = "", vertex_trainin
             raise ValueError(f"no cloud branch for task {task!r}: expected one of {', '.join(CLOUD)}")
         tasks.append(TaskConfig(task=task, input_dir=path, **{**CLOUD[task], "strategy": strategy,
                                                               **(task_overrides or {}).get(task, {})}))
+    if backend == "jax":
+        _check_jax_trainer(tasks, int(accelerator_count))
     return PipelineConfig(name=name, root=root, tasks=tasks, beam_pipeline_args=beam, image=image,
                           trainer_machine_type=settings["machine_type"],
                           trainer_accelerator_type=settings["accelerator"],
                           trainer_accelerator_count=int(accelerator_count), vertex_training=bool(vertex_training),
-                          gcp_project=project, gcp_region=region)
+                          gcp_project=project, gcp_region=region, trainer_backend=backend)
+
+
+def _check_jax_trainer(tasks: Sequence[TaskConfig], accelerator_count: int) -> None:
+    """What ``components.trainer_module.training_options`` would refuse on the cloud machine, refused at compile
+    time: a ``tf.distribute`` strategy, and accelerators the one-device JAX Trainer would leave idle."""
+    for t in tasks:
+        if (t.strategy or "default") != "default":
+            raise ValueError(f"the {t.task} Trainer's strategy {t.strategy!r} is TensorFlow's (tf.distribute); the "
+                             f"JAX Trainer runs on one machine: use strategy 'default' or trainer backend tensorflow")
+    if accelerator_count > 1:
+        raise ValueError(f"the JAX Trainer trains on one accelerator and would leave {accelerator_count - 1} of "
+                         f"{accelerator_count} idle: give an accelerator count of 1 (or 0), or trainer backend "
+                         f"tensorflow (mirrored strategy)")

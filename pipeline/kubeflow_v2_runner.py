@@ -14,14 +14,25 @@ or directly, with flags::
 
     python pipeline/kubeflow_v2_runner.py --root gs://BUCKET/shaspec --image IMAGE --brats-input gs://... \\
         --avmnist-input gs://... [--project PROJECT --region us-central1] [--accelerator NVIDIA_TESLA_T4 \\
-        --accelerator-count 1 --machine-type n1-standard-8] [--strategy mirrored] [--vertex-training] [--dataflow] \\
-        [--tasks brats,avmnist] [--out shaspec_pipeline.json]
+        --accelerator-count 1 --machine-type n1-standard-8] [--strategy mirrored] [--trainer-backend jax] \\
+        [--vertex-training] [--dataflow] [--tasks brats,avmnist] [--out shaspec_pipeline.json]
 
 The spec (JSON) is what ``tfx run create --engine vertex``, the Vertex AI SDK (``aiplatform.PipelineJob(
 template_path=...)``) or a Kubeflow Pipelines v2 cluster runs. The image must hold this repository installed with
 the ``pipeline`` extra (``Dockerfile``). The Trainer runs on the configured accelerator with the ``tf.distribute``
 strategy named; ``--vertex-training`` runs it as a Vertex AI custom job; ``--dataflow`` runs the Beam components
 (example gens, statistics) on Dataflow.
+
+``--trainer-backend jax`` trains under Keras' JAX backend (XLA) and still exports the TF Serving SavedModel (from a
+TensorFlow child process). Keras fixes its backend when it is first imported, and TFX's container entrypoint imports
+it (through TensorFlow) before the Trainer's ``run_fn`` runs, so ``KERAS_BACKEND=jax`` must be in the container's
+environment from the start: the compiled spec gives it to the Trainer alone, in its step's ``container.env``
+(kfp's ``PipelineContainerSpec.env``, which TFX 1.16 cannot set: it is added to the compiled JSON here) or, with
+``--vertex-training``, in the custom job's ``worker_pool_specs[].container_spec.env``. Every other step keeps Keras'
+default, TensorFlow. The image must hold jax (``docker build --build-arg VARIANT=jax-gpu``: TensorFlow on the CPU,
+jax[cuda12] on the GPU; the two CUDA stacks cannot share one environment). Under jax the strategy defaults to
+``default``; a TensorFlow strategy (``mirrored``, ``multi_worker``) or more than one accelerator is refused when
+compiling. ``tensorflow`` stays the default: it is what the CPU and GPU images hold, and what the strategies need.
 """
 from __future__ import annotations
 
@@ -43,7 +54,10 @@ ENVIRONMENT = {
     "machine_type": ("SHASPEC_MACHINE_TYPE", "the Trainer's machine type"),
     "accelerator": ("SHASPEC_ACCELERATOR", "the Trainer's accelerator type"),
     "accelerator_count": ("SHASPEC_ACCELERATOR_COUNT", "the Trainer's accelerator count; 0 for none"),
-    "strategy": ("SHASPEC_STRATEGY", "the Trainer's tf.distribute strategy"),
+    "strategy": ("SHASPEC_STRATEGY", "the Trainer's tf.distribute strategy (default: mirrored under tensorflow, "
+                 "default under jax, the only one it takes)"),
+    "trainer_backend": ("SHASPEC_TRAINER_BACKEND", "the Keras backend the Trainer trains under (jax: the image of "
+                        "the Dockerfile's VARIANT=jax-gpu, one accelerator)"),
     "vertex_training": ("SHASPEC_VERTEX_TRAINING", "run the Trainer as a Vertex AI custom job (variable: 1 or 0)"),
     "dataflow": ("SHASPEC_DATAFLOW", "run the Beam components on Dataflow (variable: 1 or 0)"),
     "out": ("SHASPEC_PIPELINE_SPEC", "where to write the spec (`tfx pipeline create` writes its own copy)"),
@@ -77,7 +91,7 @@ def _env_int(variable: str, environ, default: int) -> int:
 
 def build_parser(environ=None) -> argparse.ArgumentParser:
     """The flags, each defaulting to its environment variable (``environ``: ``os.environ``), else configs.py."""
-    from pipeline.configs import CLOUD, CLOUD_DEFAULTS, STRATEGIES
+    from pipeline.configs import CLOUD, CLOUD_DEFAULTS, STRATEGIES, TRAINER_BACKENDS
 
     env = os.environ if environ is None else environ
     parser = _Parser(prog="kubeflow_v2_runner.py", description=__doc__,
@@ -107,7 +121,9 @@ def build_parser(environ=None) -> argparse.ArgumentParser:
     except ValueError as err:
         parser.error(str(err))
     add("accelerator_count", count, type=int)
-    add("strategy", env.get("SHASPEC_STRATEGY") or CLOUD_DEFAULTS["strategy"], choices=STRATEGIES)
+    add("strategy", env.get("SHASPEC_STRATEGY") or None, choices=STRATEGIES)   # None: the backend's (configs.py)
+    add("trainer_backend", env.get("SHASPEC_TRAINER_BACKEND") or CLOUD_DEFAULTS["trainer_backend"],
+        choices=TRAINER_BACKENDS)
     add("vertex_training", vertex_training, action=argparse.BooleanOptionalAction)
     add("dataflow", dataflow, action=argparse.BooleanOptionalAction)
     add("out", env.get("SHASPEC_PIPELINE_SPEC") or "shaspec_pipeline.json")
@@ -136,26 +152,58 @@ def config_from_args(args):
                              f"(or leave {task} out of SHASPEC_PIPELINE_TASKS / --tasks)")
     return cloud(args.root, args.image, inputs, project=args.project, region=args.region,
                  accelerator=args.accelerator, accelerator_count=args.accelerator_count,
-                 machine_type=args.machine_type, strategy=args.strategy, vertex_training=args.vertex_training,
-                 dataflow=args.dataflow, name=args.name)
+                 machine_type=args.machine_type, strategy=args.strategy, trainer_backend=args.trainer_backend,
+                 vertex_training=args.vertex_training, dataflow=args.dataflow, name=args.name)
+
+
+def set_container_env(job: dict, environments: dict) -> dict:
+    """Add ``{task id: {variable: value}}`` to the ``container.env`` of those tasks' executors in the compiled
+    ``PipelineJob`` ``job`` (kfp's ``PipelineContainerSpec.env``, what the KFP SDK's ``set_env_variable`` writes and
+    Vertex AI Pipelines starts the container with); a variable already there is replaced. Returns ``job``."""
+    spec = job["pipelineSpec"]
+    for task, variables in environments.items():
+        try:
+            component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+            container = spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]][
+                "container"]
+        except KeyError:
+            raise ValueError(f"the compiled spec has no container task {task!r} to set {', '.join(variables)} on"
+                             ) from None
+        merged = {e["name"]: e["value"] for e in container.get("env", [])}
+        merged.update(variables)
+        container["env"] = [{"name": k, "value": str(v)} for k, v in merged.items()]
+    return job
 
 
 def compile_pipeline(config, out: str) -> str:
     """Write the Kubeflow V2 / Vertex AI pipeline spec for ``config`` to ``out`` (a local path or a URI) and return
-    the path written: under ``tfx pipeline create`` the TFX CLI replaces ``out`` with its own place for the spec."""
-    # Imported from the module: tfx.v1's re-export needs the whole kfp SDK, the compiler only kfp-pipeline-spec.
-    from tfx.orchestration.kubeflow.v2.kubeflow_v2_dag_runner import KubeflowV2DagRunner, KubeflowV2DagRunnerConfig
+    the path written: under ``tfx pipeline create`` the TFX CLI replaces ``out`` with its own place for the spec.
 
-    from pipeline.pipeline import create_pipeline
+    TFX compiles the spec; this adds each step's environment (``pipeline.pipeline.step_environments``: the JAX
+    Trainer's ``KERAS_BACKEND``) to its container, which TFX 1.16's step builder cannot (its ``platform_config`` is a
+    resource spec only), and writes the result whole (written aside, then renamed or uploaded)."""
+    # Imported from the module: tfx.v1's re-export needs the whole kfp SDK, the compiler only kfp-pipeline-spec.
+    from tfx import version
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as v2
+
+    from pipeline.pipeline import create_pipeline, step_environments
     from shaspec_tf import fileio
 
     out = fileio.absolute(out)
-    runner = KubeflowV2DagRunner(config=KubeflowV2DagRunnerConfig(default_image=config.image),
-                                 output_dir=fileio.dirname(out), output_filename=fileio.basename(out))
-    runner.run(create_pipeline(config, cloud=True))
-    # Where it was written: ``tfx pipeline create`` moves the output to its own folder before running (TFX's
+    runner = v2.KubeflowV2DagRunner(config=v2.KubeflowV2DagRunnerConfig(default_image=config.image),
+                                    output_dir=fileio.dirname(out), output_filename=fileio.basename(out))
+    job = runner.run(create_pipeline(config, cloud=True), write_out=False)
+    # Where to write it: ``tfx pipeline create`` moves the output to its own folder before running (TFX's
     # KubeflowV2DagRunnerPatcher sets these two attributes, and reads them, the same way).
-    return fileio.join(runner._output_dir, runner._output_filename)  # pylint: disable=protected-access
+    path = fileio.join(runner._output_dir, runner._output_filename)  # pylint: disable=protected-access
+    if job is None:  # a TFX CLI command that only registers the pipeline skipped the compilation: nothing to write
+        return path
+    set_container_env(job, step_environments(config))
+    # TFX's own writer (JSON, or YAML for a .yaml / .yml name), into a file beside the target with the same ending
+    with fileio.atomic_path(path, suffix=os.path.splitext(path)[1]) as staged:
+        v2._write_pipeline_spec_to_file(  # pylint: disable=protected-access
+            job, f"This is converted from TFX pipeline from tfx-{version.__version__}.", staged)
+    return path
 
 
 def parse_config(argv, environ=None):

@@ -14,7 +14,7 @@ The runners (``local_runner.py``, ``kubeflow_v2_runner.py``) only choose the orc
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List
 
 from tfx import v1 as tfx
 from tfx.dsl.components.base import executor_spec
@@ -47,12 +47,34 @@ def _example_gen(t: TaskConfig):
     return EXAMPLE_GENS[name](input_dir=t.input_dir, input_fingerprint=fingerprint([t.input_dir]), **dict(t.example_gen))
 
 
+def trainer_id(task: str) -> str:
+    return f"Trainer.{task}"
+
+
+def step_environments(config: PipelineConfig) -> Dict[str, dict]:
+    """``{task id: {variable: value}}``: what the pipeline steps' containers must start with in the cloud
+    (``pipeline/kubeflow_v2_runner.py`` writes it into each step's ``container.env`` of the compiled spec; TFX 1.16's
+    step builder has no setting for it). The Trainer's ``KERAS_BACKEND`` when it trains under JAX as a pipeline step;
+    as a Vertex AI custom job it goes to the job's ``container_spec.env`` instead (:func:`_trainer`), the step only
+    submitting that job."""
+    env = config.trainer_environment()
+    if not env or config.vertex_training:
+        return {}
+    return {trainer_id(t.task): dict(env) for t in config.tasks}
+
+
 def _trainer(t: TaskConfig, config: PipelineConfig, cloud: bool, **inputs):
     """The Trainer: in-process locally; in the cloud on the configured GPU, either as a pipeline step with a resource
-    spec (Kubeflow / Vertex AI Pipelines) or as a Vertex AI custom training job (``config.vertex_training``)."""
+    spec (Kubeflow / Vertex AI Pipelines) or as a Vertex AI custom training job (``config.vertex_training``). A
+    configured ``trainer_backend`` reaches ``run_fn`` (``keras_backend``), which refuses to train under another."""
     custom_config = t.train_custom_config()
+    if config.trainer_backend:
+        custom_config["keras_backend"] = config.trainer_backend
     if cloud and config.vertex_training:
         vertex = tfx.extensions.google_cloud_ai_platform
+        container = {"image_uri": config.image}
+        if config.trainer_environment():   # Vertex AI's CustomJob ContainerSpec.env; TFX keeps it (sets command)
+            container["env"] = [{"name": k, "value": v} for k, v in config.trainer_environment().items()]
         custom_config.update({
             vertex.ENABLE_VERTEX_KEY: True,
             vertex.VERTEX_REGION_KEY: config.gcp_region,
@@ -63,7 +85,7 @@ def _trainer(t: TaskConfig, config: PipelineConfig, cloud: bool, **inputs):
                                      "accelerator_type": config.trainer_accelerator_type,
                                      "accelerator_count": config.trainer_accelerator_count},
                     "replica_count": 1,
-                    "container_spec": {"image_uri": config.image},
+                    "container_spec": container,
                 }],
             },
         })
@@ -97,7 +119,7 @@ def task_components(t: TaskConfig, config: PipelineConfig, cloud: bool = False) 
     trainer = _trainer(t, config, cloud, examples=example_gen.outputs["examples"], schema=schema.outputs["curated"],
                        train_args=tfx.proto.TrainArgs(splits=[get_task(t.task).train_split], num_steps=t.steps or 0),
                        eval_args=tfx.proto.EvalArgs(splits=[evaluation["split"]], num_steps=0)
-                       ).with_id(f"Trainer.{suffix}")
+                       ).with_id(trainer_id(suffix))
     resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model, producer_component_id=trainer.id,

@@ -203,9 +203,9 @@ def test_the_wheel_ships_the_library_and_the_program_under_the_projects_names(wh
 
 
 # ----------------------------------------------------------------------------------- the pinned set and the image
-def _pins():
+def _pins(name="constraints.txt"):
     pins = {}
-    with open(os.path.join(REPO, "constraints.txt"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
         for line in f:
             line = line.split("#", 1)[0].strip()
             if line:
@@ -260,6 +260,23 @@ def test_dockerfile_installs_the_pinned_set_and_runs_the_kubeflow_v2_executor():
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ENTRYPOINT
 
 
+def test_the_jax_gpu_variant_adds_pinned_jax_cuda_and_leaves_the_backend_to_the_spec():
+    """``VARIANT=jax-gpu``: jax[cuda12] at constraints.txt's jax, its CUDA wheels pinned in constraints-jax-gpu.txt
+    (which only adds to constraints.txt), a cuDNN major that TensorFlow's [and-cuda] pins cannot share (so not
+    with VARIANT=gpu), and no image-wide KERAS_BACKEND: the compiled spec sets it on the Trainer alone."""
+    lines, pins, added = _dockerfile(), _pins(), _pins("constraints-jax-gpu.txt")
+    run = " ".join(line for line in lines if line.startswith("RUN "))
+    assert f'jax-gpu) cuda="jax[cuda12]=={pins["jax"]} -c constraints-jax-gpu.txt" ;;' in run
+    assert "VARIANT must be cpu, gpu or jax-gpu" in run
+    assert pins["jax"] == pins["jaxlib"] == added["jax-cuda12-plugin"] == added["jax-cuda12-pjrt"]
+    assert set(added) & set(pins) == set()
+    assert all(name.startswith(("jax-cuda12-", "nvidia-")) for name in added), sorted(added)
+    (tf_cudnn,) = [Requirement(line) for line in md.requires("tensorflow")
+                   if "and-cuda" in line and canonicalize_name(Requirement(line).name) == "nvidia-cudnn-cu12"]
+    assert str(tf_cudnn.specifier).startswith("==8.") and added["nvidia-cudnn-cu12"].startswith("9.")
+    assert not [line for line in lines if "KERAS_BACKEND" in line]
+
+
 def _docker_pattern(pattern: str):
     """A ``.dockerignore`` pattern as Docker reads it: ``*`` and ``?`` within one path part, ``**`` across parts."""
     out, i, pattern = "", 0, pattern.strip("/")
@@ -284,7 +301,7 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_environments_and_outp
     with open(os.path.join(REPO, ".dockerignore"), encoding="utf-8") as f:
         patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert not [p for p in patterns if p.startswith("!")]
-    needed = ["setup.py", "pyproject.toml", "README.md", "constraints.txt"]
+    needed = ["setup.py", "pyproject.toml", "README.md", "constraints.txt", "constraints-jax-gpu.txt"]
     for package in OURS:
         for folder, dirs, files in os.walk(os.path.join(REPO, package)):
             dirs[:] = [d for d in dirs if d != "__pycache__"]

@@ -45,12 +45,20 @@ def _check(outputs: dict, serving: str, containers=TO_PUSHER) -> dict:
 
 
 def test_the_vertex_spec_runs_through_the_container_entrypoint_locally(tmp_path):
-    """The whole tiny AV-MNIST branch (the validator too), compiled with a local pipeline root."""
+    """The whole tiny AV-MNIST branch (the validator too), compiled with a local pipeline root and the JAX Trainer
+    (``trainer_backend="jax"``; the bucket test below keeps TensorFlow's): the Trainer's container starts with its
+    spec's ``KERAS_BACKEND=jax``, trains under JAX and exports the SavedModel that the TensorFlow steps after it
+    evaluate, bless, push and load. The same Trainer container without that env stops with run_fn's one-line
+    error instead of training under another backend."""
     import tensorflow as tf
 
+    from vertex_sim import TaskFailed
+
     root = str(tmp_path / "root")
-    spec = compile_pipeline(configs.tiny(root, tasks=["avmnist"]), str(tmp_path / "spec.json"))
-    sim = VertexSimulator(spec, workdir=str(tmp_path / "work"))
+    config = configs.tiny(root, tasks=["avmnist"])
+    config.trainer_backend = "jax"
+    spec = compile_pipeline(config, str(tmp_path / "spec.json"))
+    sim = VertexSimulator(spec, workdir=str(tmp_path / "work"), env={"KERAS_BACKEND": "tensorflow"})
     assert sim.root == root                                       # the spec's runtimeConfig.gcsOutputDirectory
     outputs = sim.run(sim.branch("avmnist"))
     (anomalies,) = outputs["ExampleValidator.avmnist"]["anomalies"]
@@ -68,6 +76,16 @@ def test_the_vertex_spec_runs_through_the_container_entrypoint_locally(tmp_path)
     pushed = _check(outputs, f"{root}/serving", TO_PUSHER[:4] + ["ExampleValidator"] + TO_PUSHER[4:])
     loaded = tf.saved_model.load(pushed["metadata"]["pushed_destination"])
     assert "serving_default" in loaded.signatures
+    # It trained under JAX: run_fn got keras_backend "jax" (custom_config) and refuses any other backend, as the
+    # same container without the spec's env shows.
+    task = sim.tasks["Trainer.avmnist"]
+    component = sim.spec["components"][task["componentRef"]["name"]]
+    container = dict(sim.spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"])
+    assert container.pop("env") == [{"name": "KERAS_BACKEND", "value": "jax"}]
+    with pytest.raises(TaskFailed) as failed:
+        sim._run_container("Trainer.avmnist-without-env", "no-env", task, component, container,
+                           sim._input_artifacts(task, outputs))
+    assert "the pipeline trains under Keras backend 'jax' but this Trainer runs 'tensorflow'" in str(failed.value)
 
 
 def test_the_vertex_spec_runs_on_a_bucket_and_pushes_the_model_there(gcs, tmp_path):

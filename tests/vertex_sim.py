@@ -11,7 +11,8 @@ What it does, as Vertex does it:
   task's constants; ``outputs.artifacts`` = fresh artifacts with URIs
   ``ROOT/PROJECT_NUMBER/JOB_ID/TASK_TASKID/OUTPUT_KEY``; ``outputs.outputFile`` = ``.../executor_output.json``),
   puts it in for the ``{{$}}`` placeholder of the container's ``command`` + ``args``, runs that command line as a
-  child process (``python`` = ``sys.executable``: the image's interpreter), then reads ``executor_output.json`` back
+  child process (``python`` = ``sys.executable``: the image's interpreter) with the container's ``env`` over the
+  simulator's environment (the JAX Trainer's ``KERAS_BACKEND``), then reads ``executor_output.json`` back
   and takes the output artifacts' metadata (and URIs) from it. An input whose producer gave no artifact (a resolver
   that found none) is left out, which a TFX component reads as an absent optional input;
 * for a **resolver** executor: evaluates its ``outputArtifactQueries`` filters against the artifacts this simulator
@@ -212,7 +213,8 @@ class VertexSimulator:
         cwd = tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir)
         log_path = os.path.join(self.workdir, f"{name}.log")
         with open(log_path, "wb") as log_file:
-            done = subprocess.run(line, cwd=cwd, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+            env = {**self.env, **{e["name"]: e["value"] for e in container.get("env", [])}}  # as Vertex starts it
+            done = subprocess.run(line, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                   timeout=self.task_timeout)
         if done.returncode != 0:
             with open(log_path, "rb") as f:
