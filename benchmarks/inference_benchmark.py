@@ -2,7 +2,7 @@
 loop it replaced, and against the model's forward pass alone, on one model in one process.
 
     KERAS_BACKEND=jax python benchmarks/inference_benchmark.py [--preset tiny] [--volume 48,96,96]
-        [--sw-batch-size 4] [--reps 3] [--impl host,device,forward] [--out inference.json]
+        [--sw-batch-size 4] [--reps 3] [--impl host,device,forward,device_bf16] [--out inference.json]
 
 * ``device``: ``sliding_window_predict``: padding, tile gathering, the logits-only forward in batches of
   ``--sw-batch-size`` tiles, sigmoids, Gaussian blending and the crop, all in one compiled function (``jax.jit`` /
@@ -10,6 +10,9 @@ loop it replaced, and against the model's forward pass alone, on one model in on
 * ``host``: the loop the device window replaced: the volume padded in NumPy, each batch of tiles through
   ``model.predict_on_batch`` (every output, feature maps included, comes back to the host), sigmoids and
   Gaussian blending in NumPy.
+* ``device_bf16``: the same with ``precision="bf16"`` (the model's layers in bfloat16, float32 weights and
+  probabilities); ``bf16_vs_device`` gives its largest and mean probability difference from ``device`` and the
+  share of voxels whose thresholded regions agree.
 * ``forward``: the compiled logits-only forward pass alone, ``ceil(tiles / sw_batch_size)`` calls on one batch of
   tiles: the model's share of the work, a floor for the other two.
 
@@ -19,6 +22,7 @@ loop it replaced, and against the model's forward pass alone, on one model in on
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -102,13 +106,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--overlap", type=float, default=1 / 3)
     parser.add_argument("--sw-batch-size", type=int, default=4)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--impl", default="host,device,forward", help="comma list of host, device, forward")
+    parser.add_argument("--impl", default="host,device,forward",
+                        help="comma list of host, device, forward, device_bf16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     impls = [i.strip() for i in args.impl.split(",") if i.strip()]
-    if not impls or set(impls) - {"host", "device", "forward"}:
-        parser.error(f"--impl must be a comma list of host, device, forward; got {args.impl!r}")
+    if not impls or set(impls) - {"host", "device", "forward", "device_bf16"}:
+        parser.error(f"--impl must be a comma list of host, device, forward, device_bf16; got {args.impl!r}")
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -130,9 +135,9 @@ def main(argv=None) -> dict:
               "host": {"node": platform.node(), "cpus": os.cpu_count()}, "results": {}}
     outputs = {}
     for impl in impls:
-        if impl == "device":
-            fn = lambda: sliding_window_predict(model, image, mask, roi_size=roi, overlap=args.overlap,  # noqa: E731
-                                                sw_batch_size=batch)
+        if impl in ("device", "device_bf16"):
+            fn = functools.partial(sliding_window_predict, model, image, mask, roi_size=roi, overlap=args.overlap,
+                                   sw_batch_size=batch, precision="bf16" if impl == "device_bf16" else "fp32")
         elif impl == "host":
             fn = lambda: host_predict(model, image, mask, roi, args.overlap, batch)  # noqa: E731
         else:
@@ -148,6 +153,12 @@ def main(argv=None) -> dict:
     if "host" in outputs and "device" in outputs:
         report["max_abs_diff_host_device"] = float(np.abs(outputs["host"] - outputs["device"]).max())
         print(f"max |host - device| = {report['max_abs_diff_host_device']:.2e}")
+    if "device" in outputs and "device_bf16" in outputs:
+        diff = np.abs(outputs["device"] - outputs["device_bf16"])
+        report["bf16_vs_device"] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                                    "regions_agree": float(((outputs["device"] > 0.5)
+                                                            == (outputs["device_bf16"] > 0.5)).mean())}
+        print(f"bf16 vs fp32: {json.dumps(report['bf16_vs_device'])}")
     if args.out:
         from shaspec_tf import fileio
 

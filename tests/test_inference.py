@@ -602,3 +602,32 @@ def test_tiny_shaspec_model_end_to_end():
     present = image.copy()
     present[..., 0] = np.random.default_rng(8).normal(size=present.shape[:3]) * 5.0  # FLAIR is present
     assert np.abs(sliding_window_predict(model, present, mask, roi_size=(32, 64, 64)) - prob).max() > 1e-4
+
+
+@pytest.mark.slow  # two XLA compilations of the tiny model under JAX (float32, bfloat16)
+def test_bf16_window_follows_the_model_weights_and_stays_close_to_fp32():
+    """``precision="bf16"``: the model's layers compute in bfloat16 (a twin built under mixed_bfloat16, fed the
+    model's own weights at each call): probabilities close to float32's, float32 out, and a change of the model's
+    weights shows in the next bf16 call (the twin never holds stale weights)."""
+    import shaspec_tf
+
+    keras.utils.set_random_seed(5)
+    model = shaspec_tf.build_segmenter("tiny")
+    image = _volume((32, 32, 48), seed=6)
+    mask = np.array([1, 0, 1, 1], np.float32)
+    fp32 = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32))
+    bf16 = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32), precision="bf16")
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    diff = np.abs(bf16 - fp32)  # bfloat16 keeps 8 bits of mantissa: close, not equal
+    assert 0 < diff.mean() < 0.01 and diff.max() < 0.15, (diff.mean(), diff.max())
+    assert ((bf16 > 0.5) == (fp32 > 0.5)).mean() > 0.98  # the same regions almost everywhere
+    assert keras.config.dtype_policy().name == "float32"  # the twin was built without changing the global policy
+    model.get_layer("decoder").set_weights([w * 0.5 for w in model.get_layer("decoder").get_weights()])
+    changed = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32))
+    changed_bf16 = sliding_window_predict(model, image, mask, roi_size=(32, 32, 32), precision="bf16")
+    assert np.abs(changed - fp32).mean() > 0.05  # the weights matter ...
+    assert np.abs(changed_bf16 - changed).mean() < 0.01  # ... and the bf16 twin follows them
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp8'"):
+        sliding_window_predict(model, image, mask, roi_size=(32, 32, 32), precision="fp8")
+    with pytest.raises(ValueError, match="needs a shaspec_tf model"):
+        sliding_window_predict(VoxelModel(), image, mask, roi_size=(32, 32, 32), precision="bf16")

@@ -15,6 +15,12 @@ window_probabilities` together with a model, as one ``jax.jit`` (JAX backend) or
   reference. The graph runs without XLA (``jit_compile`` off), as TF Serving runs the exported signature.
 
 Only the model's ``"logits"`` output is kept inside the compiled function; nothing else comes back to the host.
+
+``precision="bf16"`` runs the model's layers in bfloat16 (Keras' ``mixed_bfloat16``: float32 weights, bfloat16
+compute, float32 logits), as nnU-Net and MONAI users run inference under autocast on GPUs: a twin of the model is
+built once under that policy and called with the model's own weights (under JAX its weight values are passed in at
+each call, as for float32; under TensorFlow they are copied into the twin on the device inside the graph), so the
+twin never holds stale weights. The sigmoid, the blending and the probabilities stay float32.
 """
 from __future__ import annotations
 
@@ -24,7 +30,10 @@ import weakref
 
 import numpy as np
 
-__all__ = ["logits_of", "logits_spec", "volume_function", "compile_extent"]
+__all__ = ["PRECISIONS", "logits_of", "logits_spec", "volume_function", "compile_extent"]
+
+# precision -> the Keras dtype policy the model's layers compute in (None: the model as built)
+PRECISIONS = {"fp32": None, "bf16": "mixed_bfloat16"}
 
 # model -> {settings: compiled function}. Weak keys: a model that goes away takes its compiled functions with it
 # (the functions reference the model weakly for the same reason).
@@ -102,6 +111,32 @@ def _jax_state(model):
     return (), ()
 
 
+def compute_twin(model, precision: str):
+    """The model itself for ``"fp32"``; for another precision, the same graph built anew with its layers computing
+    in that precision's policy (:data:`PRECISIONS`), its variables float32 and in the model's order (the caller
+    passes or copies the model's values: the twin's own are only initial values)."""
+    import keras
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if PRECISIONS[precision] is None:
+        return model
+    if not (isinstance(model, keras.Model) and hasattr(model, "shaspec_config")):
+        raise ValueError(f"precision {precision!r} needs a shaspec_tf model (it is rebuilt under "
+                         f"{PRECISIONS[precision]}), got {type(model).__name__}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        twin = type(model).from_config(model.get_config())
+    finally:
+        keras.config.set_dtype_policy(previous)
+    mine = model.trainable_variables + model.non_trainable_variables
+    theirs = twin.trainable_variables + twin.non_trainable_variables
+    if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:  # pragma: no cover - same config
+        raise ValueError(f"the {precision} twin of {model.name} does not have the model's variables")
+    return twin
+
+
 def _compile(model, settings: dict):
     import keras
 
@@ -111,11 +146,13 @@ def _compile(model, settings: dict):
     backend = keras.backend.backend()
     m = settings.pop("num_modalities")
     roi = settings["roi_size"]
+    twin = compute_twin(model, settings.pop("precision"))
+    twin_ref = ref if twin is model else (lambda: twin)  # held by the compiled function (it holds no model)
     if backend == "jax":
         import jax
 
         def probabilities(state, image, mask, size, flips):
-            model = ref()
+            model = twin_ref()  # the graph; the values are the model's own (state)
             trainable, non_trainable = state
 
             def logits_fn(tiles, masks):
@@ -147,7 +184,12 @@ def _compile(model, settings: dict):
         image_spec, mask_spec = tf.TensorSpec([None, None, None, m], tf.float32), tf.TensorSpec([m], tf.float32)
 
         def logits_fn(tiles, masks):
-            return logits_of(_call(ref(), {"image": tiles, "modality_mask": masks}))
+            if twin_ref is not ref:  # the model's current weights into the twin, on the device, at each call
+                source, target = ref(), twin_ref()
+                for mine, theirs in zip(source.trainable_variables + source.non_trainable_variables,
+                                        target.trainable_variables + target.non_trainable_variables):
+                    theirs.assign(mine)
+            return logits_of(_call(twin_ref(), {"image": tiles, "modality_mask": masks}))
 
         @tf.function(input_signature=[image_spec, mask_spec])
         def plain(image, mask):
@@ -171,19 +213,21 @@ def _reference(model):
         return lambda: model
 
 
-def volume_function(model, *, roi_size, num_modalities, overlap, mode, sigma_scale, sw_batch_size):
+def volume_function(model, *, roi_size, num_modalities, overlap, mode, sigma_scale, sw_batch_size,
+                    precision: str = "fp32"):
     """``run(image float32 [D, H, W, M], mask float32 [M], flips=None) -> probabilities [D, H, W, C]`` (a backend
     tensor, on the device; ``flips``: ``None`` or int32 ``[F, 3]`` of test-time flips):
     :func:`~shaspec_tf.inference.window.window_probabilities` of ``model``, compiled for the active backend, made
     once per model and settings and then reused. The model's logits are checked symbolically (:func:`logits_spec`,
-    a one-line ``ValueError``) when the function is made."""
+    a one-line ``ValueError``) when the function is made. ``precision``: one of :data:`PRECISIONS` (the module's
+    docstring)."""
     import keras
 
     from shaspec_tf.inference.window import sigma_scales
 
     settings = {"roi_size": tuple(int(r) for r in roi_size), "num_modalities": int(num_modalities),
                 "overlap": float(overlap), "mode": mode, "sigma_scale": sigma_scales(sigma_scale),
-                "sw_batch_size": int(sw_batch_size)}
+                "sw_batch_size": int(sw_batch_size), "precision": precision}
     key = (keras.backend.backend(),) + tuple(sorted(settings.items()))
     try:
         per_model = _CACHE.setdefault(model, {})

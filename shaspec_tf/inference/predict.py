@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from shaspec_tf.inference.compiled import compile_extent, volume_function
+from shaspec_tf.inference.compiled import PRECISIONS, compile_extent, volume_function
 from shaspec_tf.inference.postprocess import postprocess, probabilities_to_labels
 from shaspec_tf.inference.window import FLIPS, ROI_DIVISOR, flip_rows, sigma_scales, window_starts
 
@@ -71,7 +71,7 @@ def _progress_bar(progress, total: int):
 
 def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160), overlap: float = 1 / 3,
                            mode: str = "gaussian", sigma_scale: float = 0.125, sw_batch_size: int = 4,
-                           tta_flips: bool = False, progress: bool = False) -> np.ndarray:
+                           tta_flips: bool = False, progress: bool = False, precision: str = "fp32") -> np.ndarray:
     """Region probabilities ``float32 [D, H, W, C]`` (C = 3: ET, WT, TC) of ONE volume of any size.
 
     The whole window runs on the device, compiled with the model (one ``jax.jit`` under JAX, one ``tf.function``
@@ -102,6 +102,9 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
         progress: show a tqdm bar over the flips (1 step, or 8 with ``tta_flips``). The windows run inside one
             compiled loop, so there is no per-window progress; with a bar, each flip is one call of the compiled
             function and its probabilities are summed on the host.
+        precision: ``"fp32"``, or ``"bf16"`` to run the model's layers in bfloat16 (float32 weights and
+            probabilities; for GPUs with bfloat16 units, like autocast in nnU-Net and MONAI; see
+            :mod:`shaspec_tf.inference.compiled`).
     """
     m = _num_modalities(model)
     image, mask = _validate_inputs(image, modality_mask, m)
@@ -113,6 +116,8 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
     if isinstance(sw_batch_size, bool) or int(sw_batch_size) != sw_batch_size or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be a positive integer, got {sw_batch_size!r}")
     scales = sigma_scales(sigma_scale)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
     import keras
 
@@ -121,7 +126,7 @@ def sliding_window_predict(model, image, modality_mask, roi_size=(80, 160, 160),
     extent = compile_extent(image.shape[:3], roi) if keras.backend.backend() == "jax" else image.shape[:3]
     tiles = math.prod(len(window_starts(s, r, overlap)) for s, r in zip(extent, roi))
     run = volume_function(model, roi_size=roi, num_modalities=m, overlap=overlap, mode=mode, sigma_scale=scales,
-                          sw_batch_size=min(int(sw_batch_size), tiles))
+                          sw_batch_size=min(int(sw_batch_size), tiles), precision=precision)
 
     flips = flip_rows(FLIPS) if tta_flips else None
     bar = _progress_bar(progress, 1 if flips is None else len(flips))
