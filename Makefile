@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:  `make demo` (the main job)  and  `make test` (the test suite).
 # Both create the virtual environment in .venv from nothing when it is absent (scripts/bootstrap.sh).
 PY := .venv/bin/python
-MODEL_TESTS := tests/test_layers.py tests/test_losses.py tests/test_models.py tests/test_convert.py tests/test_inference.py
+MODEL_TESTS := tests/test_layers.py tests/test_losses.py tests/test_models.py tests/test_convert.py tests/test_inference.py \
+               tests/test_remat.py
 
 .PHONY: venv demo test test-tf test-jax
 

@@ -2,7 +2,7 @@
 (GitHub issue 16, item 3: bf16 training slower than fp32 under XLA).
 
     KERAS_BACKEND=jax python benchmarks/hlo_casts.py [--preset tiny] [--crop 32,64,64] [--batch 1]
-        [--policy float32,mixed_bfloat16] [--remat none[,encoders,layers:A+B,larger_than:N,full]]
+        [--policy float32,mixed_bfloat16] [--remat none[,encoders,all,layers:A+B,larger_than:N,full]]
         [--norm-remat off[,low,all]] [--compile [--steps N] [--dump DIR]] [--no-residuals] [--top 12]
         [--out report.json]
 
@@ -28,9 +28,11 @@ own JAX ``train_step``: the model's full ShaSpec loss, SGD) is lowered with ``ja
   ``optimized``: the compiled module's converts, layout changes (``copy``, ``transpose``), convolutions and custom
   calls (cuDNN's on a GPU, with their result dtype); ``--dump DIR`` writes the lowered and the optimised modules.
 
-``--remat``: ``encoders`` builds the model under ``keras.RematScope(mode="list_of_layers")`` naming every encoder
-(``jax.checkpoint`` of each: only its inputs and outputs are kept, its inside is recomputed in the backward pass),
-``layers:A+B`` the top-level layers named (e.g. ``layers:shared_encoder``),
+``--remat``: ``encoders`` and ``all`` are the segmenter's own ``remat`` option (every encoder, and for ``all`` the
+decoder too, under ``keras.remat``, i.e. ``jax.checkpoint``: only its inputs and outputs are kept, its inside is
+recomputed in the backward pass; ``benchmarks/remat_memory.py`` compares them); the others build the model under a
+``keras.RematScope``: ``layers:A+B`` with ``mode="list_of_layers"`` naming top-level layers (e.g.
+``layers:shared_encoder``),
 ``larger_than:N`` under ``mode="larger_than"`` (every layer whose output has more than N elements), ``full`` every
 layer. ``--norm-remat`` rematerialises every ``InstanceNormalization`` call (patched here, the library is
 unchanged): ``low`` only on bfloat16 / float16 inputs (its float32 statistics are then recomputed from the
@@ -206,14 +208,6 @@ def residuals(model, state, x, y, top: int) -> dict:
             "by_layer_mib": {k: v / 2 ** 20 for k, v in layers.most_common()}}
 
 
-def _encoder_names(preset: str, overrides: dict) -> list:
-    import shaspec_tf
-    from shaspec_tf.layers import Encoder3D
-
-    model = shaspec_tf.build_segmenter(preset, **overrides)
-    return [layer.name for layer in model._flatten_layers() if isinstance(layer, Encoder3D)]
-
-
 def build(preset: str, policy: str, remat: str, overrides: dict):
     import keras
 
@@ -221,18 +215,16 @@ def build(preset: str, policy: str, remat: str, overrides: dict):
 
     keras.config.set_dtype_policy(policy)
     keras.utils.set_random_seed(0)
-    if remat == "none":
-        return shaspec_tf.build_segmenter(preset, **overrides)
-    if remat == "encoders":
-        scope = keras.RematScope(mode="list_of_layers", layer_names=_encoder_names(preset, overrides))
-    elif remat.startswith("layers:"):
+    if remat in ("none", "encoders", "all"):
+        return shaspec_tf.build_segmenter(preset, remat=remat, **overrides)
+    if remat.startswith("layers:"):
         scope = keras.RematScope(mode="list_of_layers", layer_names=remat.split(":", 1)[1].split("+"))
     elif remat.startswith("larger_than:"):
         scope = keras.RematScope(mode="larger_than", output_size_threshold=int(remat.split(":", 1)[1]))
     elif remat == "full":
         scope = keras.RematScope(mode="full")
     else:
-        raise ValueError(f"unknown --remat {remat!r}: none, encoders, layers:A+B, larger_than:N or full")
+        raise ValueError(f"unknown --remat {remat!r}: none, encoders, all, layers:A+B, larger_than:N or full")
     with scope:
         return shaspec_tf.build_segmenter(preset, **overrides)
 
@@ -366,7 +358,7 @@ def main(argv=None) -> list:
     parser.add_argument("--crop", default="32,64,64", help="D,H,W (divisible by 16, 32, 32)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--policy", default="float32,mixed_bfloat16", help="Keras dtype policies, comma-separated")
-    parser.add_argument("--remat", default="none", help="none, encoders, layers:A+B, larger_than:N, full; "
+    parser.add_argument("--remat", default="none", help="none, encoders, all, layers:A+B, larger_than:N, full; "
                         "comma-separated")
     parser.add_argument("--norm-remat", default="off", help="off, low, all (comma-separated): instance norms "
                         "rematerialised on low-precision inputs or on all")

@@ -1,16 +1,19 @@
 """``benchmarks/hlo_casts.py``: its reading of lowered and optimised XLA modules, and one run on the tiny segmenter
-under JAX (a child process) showing where a bfloat16 step casts and what its backward pass keeps."""
+under JAX (a child process) showing where a bfloat16 step casts and what its backward pass keeps;
+``benchmarks/remat_memory.py``: its ratios and fit, and what the ``remat`` option saves in the compiled step."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import hlo_casts  # noqa: E402
+import remat_memory  # noqa: E402
 
 NORM = os.path.join(REPO, "shaspec_tf", "layers", "norm.py")
 MODULE = f"""
@@ -80,3 +83,42 @@ def test_tiny_segmenter_bf16_step_casts_around_every_instance_norm(tmp_path):
     kept = [g["source"] for g in bf16["residuals"]["largest"][:2]]
     assert all(s.startswith("shaspec_tf/layers/norm.py") and s.endswith("float32") for s in kept), kept
     assert {"shared_encoder", "flair_encoder", "decoder"} <= set(bf16["residuals"]["by_layer_mib"])
+
+
+# -- benchmarks/remat_memory.py: what the segmenter's remat option saves ----------------------------------------------
+
+def _report(crop, remat, temp, peak, kept, policy="float32"):
+    return {"crop": crop, "voxels": int(np.prod(crop)), "policy": policy, "remat": remat, "kept_mib": kept,
+            "memory_mib": {"temp": temp, "peak_estimate": peak}}
+
+
+def test_remat_ratios_and_the_linear_fit_in_voxels():
+    reports = [_report([32, 64, 64], "none", 100.0, 150.0, 80.0), _report([32, 64, 64], "encoders", 60.0, 110.0, 40.0),
+               _report([64, 64, 64], "none", 180.0, 230.0, 160.0),
+               _report([64, 64, 64], "encoders", 100.0, 150.0, 80.0)]
+    remat_memory.add_ratios(reports)
+    assert reports[1]["ratio"] == pytest.approx({"kept": 0.5, "temp": 0.6, "peak_estimate": 110 / 150})
+    assert reports[0]["ratio"] == pytest.approx({"kept": 1.0, "temp": 1.0, "peak_estimate": 1.0})
+    # temp = 20 + 80 * voxels / 131072 without remat, 20 + 40 * voxels / 131072 with: at 4x the small crop's voxels
+    fitted = {e["remat"]: e for e in remat_memory.fit(reports, [64, 64, 128])}
+    assert fitted["none"]["temp_mib"] == pytest.approx(340.0) and fitted["encoders"]["temp_mib"] == pytest.approx(180)
+    assert fitted["encoders"]["ratio"]["temp"] == pytest.approx(180 / 340)
+    assert fitted["encoders"]["from_crops"] == [[32, 64, 64], [64, 64, 64]]
+
+
+@pytest.mark.slow
+def test_recomputed_encoders_shrink_the_compiled_step_of_the_tiny_segmenter(tmp_path):
+    """XLA's own memory analysis of the jitted train step (about 40 s: two compilations): with the encoders
+    recomputed, the backward pass keeps less than half the bytes and the compiled step needs less temporary memory;
+    the arguments (weights, optimiser state, batch) are the same."""
+    out = tmp_path / "remat.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "remat_memory.py"), "--crop", "32,32,32",
+                           "--policy", "float32", "--remat", "none,encoders", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, remat = json.loads(out.read_text())["reports"]
+    assert (plain["remat"], remat["remat"]) == ("none", "encoders") and plain["params"] == remat["params"]
+    assert remat["ratio"]["kept"] < 0.5
+    assert remat["ratio"]["temp"] < 0.95 and remat["ratio"]["peak_estimate"] < 1.0
+    assert remat["memory_mib"]["argument"] == pytest.approx(plain["memory_mib"]["argument"])
+    assert remat["memory_mib"]["alias"] > 0  # the state is donated, as Keras' trainer does

@@ -30,7 +30,12 @@ _SEGMENTER_COMMON = dict(
     beta=0.02,
     aspp_rates=(2, 4, 8),
     aspp_image_pool_norm=False,   # True: the official (degenerate) instance norm on the 1x1x1 image-pool branch
+    remat="none",                 # "encoders": recompute the encoders' insides in the backward pass; "all": decoder too
 )
+
+# Rematerialisation (gradient checkpointing) of the segmenter's training calls: what the backward pass recomputes
+# instead of keeping. Same values and gradients; less memory, one more forward pass of what is recomputed.
+REMAT_MODES = ("none", "encoders", "all")
 
 SEGMENTER_PRESETS = {
     "paper": dict(_SEGMENTER_COMMON, depth=50, stem_filters=64, planes=(64, 128, 256, 320), blocks=None,
@@ -94,4 +99,15 @@ def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
     if config["variant"] not in variants:
         raise ValueError(f"unknown variant {config['variant']!r} for the {preset} preset: expected "
                          f"{', '.join(variants)}")
+    if config["task"] == "segmentation":
+        _validate_remat(config, preset)
     return config
+
+
+def _validate_remat(config: dict, preset: str) -> None:
+    if config["remat"] not in REMAT_MODES:
+        raise ValueError(f"unknown remat {config['remat']!r} for the {preset} preset: expected one of "
+                         f"{', '.join(REMAT_MODES)}")
+    if config["remat"] != "none" and config["norm"] == "batch":
+        raise ValueError(f"remat={config['remat']!r} needs a stateless norm (instance, group, none), not batch: "
+                         "batch norm updates its moving statistics in the forward pass, which remat repeats")

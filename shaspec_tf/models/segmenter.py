@@ -11,6 +11,35 @@ from shaspec_tf.models.base import ShaSpecModel, output_dtype
 from shaspec_tf.models.masks import validate_volume_shape
 
 
+class RecomputedEncoder3D(Encoder3D):
+    """An :class:`Encoder3D` whose training calls keep only their inputs and outputs for the backward pass, which
+    recomputes the rest (``keras.remat``: ``jax.checkpoint`` under JAX, ``tf.recompute_grad`` under TensorFlow).
+    Same weights, values and gradients as the plain encoder; inference calls are the plain ones.
+
+    Not ``keras.RematScope``: it hands ``training`` to the checkpointed call as a keyword, which
+    ``tf.recompute_grad`` refuses inside a ``tf.function`` (Keras' TensorFlow train step) and ``jax.checkpoint``
+    turns into a traced value; here ``training`` stays a Python value outside the checkpoint."""
+
+    def call(self, x, training=None):
+        if not training:
+            return Encoder3D.call(self, x, training=training)
+        return keras.remat(lambda inputs: Encoder3D.call(self, inputs, training=True))(x)
+
+
+class RecomputedDecoder3D(Decoder3D):
+    """:class:`Decoder3D` with the recomputation of :class:`RecomputedEncoder3D` (``remat="all"``)."""
+
+    def call(self, x, skips, training=None):
+        if not training:
+            return Decoder3D.call(self, x, skips, training=training)
+        return keras.remat(lambda inputs, *skip: Decoder3D.call(self, inputs, list(skip), training=True))(x, *skips)
+
+
+def _encoder(c: dict, name: str) -> Encoder3D:
+    encoder_class = Encoder3D if c["remat"] == "none" else RecomputedEncoder3D
+    return encoder_class(**_encoder_kwargs(c), name=name)
+
+
 def _encoder_kwargs(c: dict) -> dict:
     return dict(depth=c["depth"], stem_filters=c["stem_filters"], planes=c["planes"], blocks=c["blocks"],
                 feature_channels=c["feature_channels"], aspp_rates=c["aspp_rates"], norm=c["norm"],
@@ -26,7 +55,7 @@ def _segmenter_graph(c: dict):
     image = MaskModalities(name="mask_inputs")(inputs["image"], inputs["modality_mask"])
 
     # Shared encoder: one pass over every modality, folded into the batch (row b * M + m).
-    shared_out = Encoder3D(**_encoder_kwargs(c), name="shared_encoder")(FoldModalities(name="fold")(image))
+    shared_out = _encoder(c, "shared_encoder")(FoldModalities(name="fold")(image))
     shared = UnfoldModalities(m, name="unfold_shared")(shared_out["features"])           # [B, M, d, h, w, C]
     skips = [ModalitiesToChannels(name=f"skip{i}_channels")(UnfoldModalities(m, name=f"unfold_skip{i}")(s))
              for i, s in enumerate(shared_out["skips"])]                                   # [B, ..., M * C_i]
@@ -35,7 +64,7 @@ def _segmenter_graph(c: dict):
     if c["variant"] == "shaspec":
         specific, pooled = [], []
         for i, name in enumerate(modalities):
-            out = Encoder3D(**_encoder_kwargs(c), name=f"{name}_encoder")(image[..., i:i + 1])
+            out = _encoder(c, f"{name}_encoder")(image[..., i:i + 1])
             specific.append(out["features"])
             pooled.append(out["pooled"])
         specific = StackModalities(name="stack_specific")(specific)                        # [B, M, d, h, w, C]
@@ -51,9 +80,10 @@ def _segmenter_graph(c: dict):
     else:
         fused = shared  # baseline: the zero-filled modalities' own features, plainly concatenated
 
-    decoder = Decoder3D(c["decoder_filters"], num_classes=len(c["regions"]), norm=c["norm"],
-                        activation=c["activation"], weight_std=c["weight_std"],
-                        symmetric_padding=c["symmetric_padding"], name="decoder")
+    decoder_class = RecomputedDecoder3D if c["remat"] == "all" else Decoder3D
+    decoder = decoder_class(c["decoder_filters"], num_classes=len(c["regions"]), norm=c["norm"],
+                            activation=c["activation"], weight_std=c["weight_std"],
+                            symmetric_padding=c["symmetric_padding"], name="decoder")
     logits = decoder(ModalitiesToChannels(name="fused_channels")(fused), skips)
     outputs["logits"] = keras.layers.Activation("linear", dtype=output_dtype(), name="logits")(logits)
     return inputs, outputs
@@ -76,7 +106,9 @@ class ShaSpecSegmenter(ShaSpecModel):
         super().__init__(inputs, outputs, config, **kwargs)
 
     def validate_inputs(self, inputs) -> None:
-        super().validate_inputs(inputs)
+        # the base class by name, not super(): AutoGraph cannot convert a method whose closure holds __class__ (the
+        # TFX Trainer's export printed that warning twice in `make demo`)
+        ShaSpecModel.validate_inputs(self, inputs)
         validate_volume_shape(tuple(inputs["image"].shape), len(self.modalities))
 
     def task_loss(self, y, y_pred):
