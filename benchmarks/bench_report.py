@@ -3,7 +3,12 @@ the GPU script's parts into one ``summary.json`` (``python benchmarks/bench_repo
 
 A part is one run of ``train_step_benchmark.py`` (its own JSON in OUT_DIR). Parts are merged by precision; a part
 whose ``label`` is ``warm`` (a second process with the compilation cache the ``cold`` part filled) only adds its
-first-step figures, under ``first_step`` (any label ending in ``warm``).
+first-step figures, under ``first_step`` (any label ending in ``warm``). A part run with ``--remat`` (its
+``config.remat`` is not ``none``) goes under ``ours_remat`` -> precision, apart from the plain ``ours``, and adds
+``remat_*`` ratios: ``remat_train_step``, ``remat_train_step_random``, ``remat_peak_memory`` (ours with remat /
+official) and ``remat_step_over_plain``, ``remat_memory_over_plain`` (ours with remat / ours without). Our bf16
+whole volume (part ``ours_bf16_infer``) is also set against the official fp32 loop: ``whole_volume_ours_bf16`` in
+the fp32 ratios (the official bf16 part times training only).
 """
 from __future__ import annotations
 
@@ -23,6 +28,21 @@ def _ratio(a, b):
         return None
 
 
+def _remat_ratios(report: dict, precision: str) -> dict:
+    remat = report.get("ours_remat", {}).get(precision, {}).get("train", {})
+    if not remat:
+        return {}
+    ours = report.get("ours", {}).get(precision, {}).get("train", {})
+    theirs = report.get("official", {}).get(precision, {}).get("train", {})
+    step = lambda e, k="all_modalities": e.get(k, {}).get("median_s")  # noqa: E731
+    peak = lambda e: e.get("peak_memory", {}).get("bytes")  # noqa: E731
+    return {"remat": remat.get("remat"), "remat_train_step": _ratio(step(remat), step(theirs)),
+            "remat_train_step_random": _ratio(step(remat, "random_modalities"), step(theirs, "random_modalities")),
+            "remat_peak_memory": _ratio(peak(remat), peak(theirs)),
+            "remat_step_over_plain": _ratio(step(remat), step(ours)),
+            "remat_memory_over_plain": _ratio(peak(remat), peak(ours))}
+
+
 def compute_ratios(report: dict) -> dict:
     ratios = {}
     for precision, theirs in report.get("official", {}).items():
@@ -39,6 +59,11 @@ def compute_ratios(report: dict) -> dict:
             "peak_memory_kind": [o_tr.get("peak_memory", {}).get("kind"), t_tr.get("peak_memory", {}).get("kind")],
             "architecture_match": (report.get("config") or {}).get("preset") == "paper",
         }
+        ratios[precision].update(_remat_ratios(report, precision))
+    if "fp32" in ratios:
+        ours_bf16 = report.get("ours", {}).get("bf16", {}).get("infer", {}).get("median_s")
+        theirs_fp32 = report.get("official", {}).get("fp32", {}).get("infer", {}).get("median_s")
+        ratios["fp32"]["whole_volume_ours_bf16"] = _ratio(ours_bf16, theirs_fp32)
     return ratios
 
 
@@ -61,7 +86,7 @@ def summary_lines(report: dict) -> list:
     header = (f"{'model':9} {'prec':5} {'device':40} {'step med':>9} {'min':>7} {'max':>7} {'rand med':>9} "
               f"{'finite':>6} {'peak GiB':>9} {'volume s':>9} {'tiles':>5}")
     lines.append(header)
-    for who in ("ours", "official"):
+    for who in ("ours", "ours_remat", "official"):
         for precision, entry in report.get(who, {}).items():
             tr, inf = entry.get("train", {}), entry.get("infer", {})
             if ("error" in tr or not tr) and ("error" in inf or not inf):
@@ -92,6 +117,12 @@ def summary_lines(report: dict) -> list:
                      f"{_fmt(r['train_step_random'], 2)}x, whole volume {_fmt(r['whole_volume'], 2)}x, peak memory "
                      f"{_fmt(r['peak_memory'], 2)}x" + ("" if r["architecture_match"] else
                                                         " (ours is not the paper preset: not like for like)"))
+        if r.get("remat"):
+            lines.append(f"ours remat={r['remat']}/official {precision}: train step "
+                         f"{_fmt(r['remat_train_step'], 2)}x, random-modality step "
+                         f"{_fmt(r['remat_train_step_random'], 2)}x, peak memory {_fmt(r['remat_peak_memory'], 2)}x; "
+                         f"over ours without remat: step {_fmt(r['remat_step_over_plain'], 2)}x, peak memory "
+                         f"{_fmt(r['remat_memory_over_plain'], 2)}x")
     return lines
 
 
@@ -108,7 +139,7 @@ def _first_step(entry: dict) -> dict:
 def merge_parts(folder: str, gpu_info: str = None) -> dict:
     """One summary of every part JSON in ``folder`` (see the module docstring)."""
     merged = {"schema": SUMMARY_SCHEMA, "gpu_info": gpu_info, "parts": {}, "ours": {}, "official": {},
-              "first_step": {"ours": {}, "official": {}}}
+              "ours_remat": {}, "first_step": {"ours": {}, "official": {}}}
     host_cpu = None
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.basename(path)[:-5]
@@ -126,12 +157,13 @@ def merge_parts(folder: str, gpu_info: str = None) -> dict:
         for key in ("backend", "config"):
             merged.setdefault(key, report.get(key))
         host_cpu = host_cpu or (report.get("host") or {}).get("cpu")
+        remat = (report.get("config") or {}).get("remat", "none") != "none"
         for who in ("ours", "official"):
             for precision, parts in report.get(who, {}).items():
                 if label.endswith("warm") and who == "ours":
                     merged["first_step"]["ours"].setdefault(precision, {})["warm"] = _first_step(parts)
                     continue
-                slot = merged[who].setdefault(precision, {})
+                slot = merged["ours_remat" if remat and who == "ours" else who].setdefault(precision, {})
                 for part, entry in parts.items():
                     if part not in slot or ("error" in slot[part] and "error" not in entry):
                         slot[part] = entry

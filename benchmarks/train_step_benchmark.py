@@ -4,7 +4,7 @@ by side with the official PyTorch ``DualNet_SS`` on the same device (GitHub issu
     KERAS_BACKEND=jax python benchmarks/train_step_benchmark.py [--preset paper] [--crop 80,160,160] [--batch 1]
         [--steps 10] [--warmup 3] [--random-steps 10] [--jit | --no-jit] [--precision fp32[,bf16]]
         [--volume 155,240,240] [--overlap 0.3333] [--sw-batch-size 4] [--infer-reps 3] [--infer-forward]
-        [--compile-cache DIR] [--official DIR [--official-python PY] [--official-parity]]
+        [--compile-cache DIR] [--remat none|encoders|all] [--official DIR [--official-python PY] [--official-parity]]
         [--skip infer,data,random] [--label NAME] [--out report.json]
 
 Every measurement runs in its own subprocess (this file with ``--worker``), so that the peak memory of one is not
@@ -43,6 +43,9 @@ What is measured (``ours`` = this package on the Keras backend ``--backend``, de
   0.02 domain cross-entropy; ``mode='0,1,2,3'`` then ``mode='random'``), fp32 and ``torch.autocast`` bf16.
   ``ratios`` (ours / official, > 1 = ours slower) are printed last; ``architecture_match`` says whether ours is the
   paper preset. Without the code or torch the official entries say ``skipped: ...``.
+* ``--remat encoders`` (or ``all``): ours built with that ``remat`` option (the encoders', or also the decoder's,
+  activations recomputed in the backward pass: less memory, more time); the report's ``config.remat`` and each
+  ours entry's ``remat`` say so. The official model is never rematerialised.
 
 JSON keys: ``schema``, ``label``, ``argv``, ``backend``, ``config``, ``host``, ``card`` (the device the workers
 named), ``ours`` -> precision -> ``train`` / ``infer``, ``data``, ``official`` -> precision -> ``train`` / ``infer``,
@@ -148,6 +151,8 @@ def _build_ours(keras, spec):
     import shaspec_tf
 
     overrides = dict(spec.get("overrides") or {})
+    if spec.get("remat", "none") != "none":
+        overrides["remat"] = spec["remat"]
     if spec.get("official_parity"):
         overrides["official_parity"] = True
     return shaspec_tf.build_segmenter(spec["preset"], **overrides)
@@ -184,6 +189,7 @@ def ours_train(spec) -> dict:
     random_timed = [step(mask) for mask in masks]
     return {"device": _keras_device(keras), "backend": keras.backend.backend(), "keras": keras.__version__,
             "params": int(model.count_params()), "jit": spec["jit"], "precision": spec["precision"],
+            "remat": model.shaspec_config.get("remat", "none"),
             "dtype_policy": keras.config.dtype_policy().name, "first_step_s": warm[0], "startup": startup,
             "warmup": summarize(warm), "all_modalities": summarize(timed),
             "random_modalities": dict(summarize(random_timed), masks=[m.astype(int).tolist() for m in masks]),
@@ -310,6 +316,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp32,bf16")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--official-parity", action="store_true", help="ours with official_parity=True")
+    parser.add_argument("--remat", default="none", choices=("none", "encoders", "all"),
+                        help="ours: the segmenter's remat option (activations recomputed in the backward pass)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                         help="a build_segmenter option, e.g. --override weight_std=false")
     parser.add_argument("--volume", type=_triple, default=[155, 240, 240], help="whole volume D,H,W")
@@ -362,6 +370,7 @@ def main(argv=None) -> dict:
             "warmup": max(1, args.warmup), "random_steps": 0 if "random" in skip else (
                 args.steps if args.random_steps is None else args.random_steps),
             "jit": args.jit, "lr": args.lr, "seed": args.seed, "official_parity": args.official_parity,
+            "remat": args.remat,
             "overrides": overrides, "volume": args.volume, "overlap": args.overlap,
             "sw_batch_size": args.sw_batch_size, "infer_reps": args.infer_reps, "data_source": args.data_source,
             "data_batches": args.data_batches, "data_cases": args.data_cases,

@@ -116,7 +116,7 @@ def test_the_gpu_script_parses():
     assert subprocess.run(["bash", "-n", script]).returncode == 0
 
 
-def _part(label, who, precision, train=None, infer=None, device="gpu: NVIDIA H200"):
+def _part(label, who, precision, train=None, infer=None, device="gpu: NVIDIA H200", remat=None):
     parts = {}
     if train is not None:
         parts["train"] = {"device": device, "first_step_s": train[0], "startup": {"to_first_step_s": train[1]},
@@ -124,8 +124,11 @@ def _part(label, who, precision, train=None, infer=None, device="gpu: NVIDIA H20
                           "peak_memory": {"bytes": train[3], "kind": "device_peak_bytes_in_use"}}
     if infer is not None:
         parts["infer"] = {"device": device, "median_s": infer, "tiles": 12}
-    return {"label": label, "backend": "jax", "config": {"preset": "paper", "crop": [80, 160, 160], "batch": 1,
-                                                         "jit": True},
+    config = {"preset": "paper", "crop": [80, 160, 160], "batch": 1, "jit": True}
+    if remat:
+        config["remat"] = remat
+        parts["train"]["remat"] = remat
+    return {"label": label, "backend": "jax", "config": config,
             "host": {"cpu": "cpu: test x2"}, "ours": {}, "official": {}, who: {precision: parts}}
 
 
@@ -153,8 +156,52 @@ def test_report_merges_the_gpu_parts_with_first_steps_cold_and_warm(tmp_path):
     assert r["peak_memory"] == pytest.approx(0.6) and r["first_step_cold"] == pytest.approx(2.0)
     assert r["first_step_warm"] == pytest.approx(4.0 / 44.0) and r["architecture_match"] is True
     assert set(merged["parts"]) == set(parts) and all(p["errors"] == [] for p in merged["parts"].values())
+    assert r["whole_volume_ours_bf16"] is None  # no bf16 window measured
+    # our bf16 window is set against the official fp32 loop (the official bf16 part times training only)
+    (tmp_path / "ours_bf16_infer.json").write_text(json.dumps(_part("ours_bf16_infer", "ours", "bf16", infer=0.15)))
+    again = bench_report.merge_parts(str(tmp_path))
+    assert again["ratios"]["fp32"]["whole_volume_ours_bf16"] == pytest.approx(0.375)
+    assert again["ratios"]["fp32"]["whole_volume"] == pytest.approx(0.5)
     # without nvidia-smi the card is the device the workers named
     assert bench_report.merge_parts(str(tmp_path))["card"] == "gpu: NVIDIA H200"
+
+
+def test_report_keeps_the_remat_part_apart_with_its_own_ratios(tmp_path):
+    from benchmarks import bench_report
+
+    parts = {"official_fp32": _part("official_fp32", "official", "fp32", (44.0, 60.0, 0.4, 100), 0.4),
+             "ours_fp32_cold": _part("ours_fp32_cold", "ours", "fp32", (88.0, 100.0, 0.2, 90)),
+             "ours_fp32_remat": _part("ours_fp32_remat", "ours", "fp32", (95.0, 110.0, 0.25, 50), remat="encoders")}
+    for name, report in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    merged = bench_report.merge_parts(str(tmp_path))
+    # the plain figures stay the plain part's; the remat part has its own slot
+    assert merged["ours"]["fp32"]["train"]["all_modalities"]["median_s"] == 0.2
+    assert merged["ours_remat"]["fp32"]["train"]["all_modalities"]["median_s"] == 0.25
+    assert merged["first_step"]["ours"]["fp32"]["cold"]["first_step_s"] == 88.0
+    r = merged["ratios"]["fp32"]
+    assert r["train_step"] == pytest.approx(0.5) and r["peak_memory"] == pytest.approx(0.9)
+    assert r["remat"] == "encoders"
+    assert r["remat_train_step"] == pytest.approx(0.625) and r["remat_peak_memory"] == pytest.approx(0.5)
+    assert r["remat_step_over_plain"] == pytest.approx(1.25) and r["remat_memory_over_plain"] == pytest.approx(50 / 90)
+    lines = bench_report.summary_lines(merged)
+    assert any(line.startswith("ours_remat fp32") for line in lines)
+    assert lines[-1] == ("ours remat=encoders/official fp32: train step 0.62x, random-modality step 0.62x, peak "
+                         "memory 0.50x; over ours without remat: step 1.25x, peak memory 0.56x")
+
+
+def test_gpu_script_runs_the_remat_part_only_with_time_left(tmp_path):
+    """The gate of ours_fp32_remat: with less than BENCH_REMAT_MIN_S left of the budget it is logged as skipped and
+    nothing runs (the other gated parts, the bf16 pair, work the same way)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, BENCH_PLAN="ours_fp32_remat", BENCH_BUDGET_S="100",
+               BENCH_REMAT_MIN_S="120", TMPDIR=str(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu", "run_gpu_benchmark.sh")], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (out / "gpu_benchmark.log").read_text()
+    assert "== ours_fp32_remat skipped: " in log and "--remat" not in log
+    assert not (out / "ours_fp32_remat.json").exists()
 
 
 def test_official_part_says_why_it_was_skipped(tmp_path):
@@ -204,8 +251,11 @@ def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions(
     args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1,
                               dedicated=list(pbl.DEDICATED)))()
     runs = pbl.runs(args)
-    assert [r.subsets for r in runs[2:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
-    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[2:])
+    assert [r.name for r in runs[:3]] == ["shaspec", "baseline", "linear-fusion"]
+    assert [r.subsets for r in runs[3:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
+    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[3:])
+    # the linear-fusion ablation is ShaSpec with a 1x1x1 fusion projection, trained as ShaSpec is
+    assert runs[2].subsets is None and runs[2].options == dict(runs[0].options, model_options={"fusion_kernel": 1})
 
 
 def test_study_statistics_and_paired_verdicts():

@@ -10,10 +10,12 @@
 # not installed, and .official/ (DualNet_SS.py, Res50.py, dsn.py, loss_Dual.py of github.com/billhhh/ShaSpec).
 # Knobs (environment): BENCH_PRESET (paper), BENCH_VOLUME (155,240,240), BENCH_CROP (the preset's), BENCH_STEPS (5),
 # BENCH_WARMUP (2), BENCH_RANDOM_STEPS (3), BENCH_INFER_REPS (3), BENCH_SW_BATCH (4), BENCH_BUDGET_S (420),
-# BENCH_OFFICIAL_S (150: the official fp32 part ends by then), BENCH_BF16_MIN_S (200: official_bf16 starts only with
-# room for both bf16 parts), BENCH_OURS_BF16_MIN_S (130: ours_bf16's own minimum), BENCH_TIMEOUT (300 s per
-# measurement), BENCH_PLAN, BENCH_CACHE_DIR (default: a new empty folder, removed at the end), BENCH_JIT (1; 0 for a
-# quick CPU dry run), OFFICIAL_SHASPEC_DIR, PYTHON.
+# BENCH_OFFICIAL_S (150: the official fp32 part ends by then), BENCH_INFER_BF16_MIN_S (70: ours_bf16_infer starts
+# only with that much left), BENCH_REMAT (encoders: ours_fp32_remat's remat option),
+# BENCH_REMAT_MIN_S (120: ours_fp32_remat starts only with that much left), BENCH_BF16_MIN_S (200: official_bf16
+# starts only with room for both bf16 parts), BENCH_OURS_BF16_MIN_S (130: ours_bf16's own minimum), BENCH_TIMEOUT
+# (300 s per measurement), BENCH_PLAN, BENCH_CACHE_DIR (default: a new empty folder, removed at the end), BENCH_JIT
+# (1; 0 for a quick CPU dry run), OFFICIAL_SHASPEC_DIR, PYTHON.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_results}
@@ -32,7 +34,11 @@ BUDGET=${BENCH_BUDGET_S:-420}
 OFFICIAL_S=${BENCH_OFFICIAL_S:-150}
 BF16_MIN=${BENCH_BF16_MIN_S:-200}
 OURS_BF16_MIN=${BENCH_OURS_BF16_MIN_S:-130}
-PLAN=${BENCH_PLAN:-official_fp32 ours_fp32_cold ours_fp32_warm ours_fp32_infer official_bf16 ours_bf16}
+INFER_BF16_MIN=${BENCH_INFER_BF16_MIN_S:-70}
+REMAT=${BENCH_REMAT:-encoders}
+REMAT_MIN=${BENCH_REMAT_MIN_S:-120}
+PLAN=${BENCH_PLAN:-official_fp32 ours_fp32_cold ours_fp32_warm ours_fp32_infer ours_bf16_infer ours_fp32_remat \
+official_bf16 ours_bf16}
 START=$(date +%s)
 LOG="$OUT/gpu_benchmark.log"
 log() { echo "$@" | tee -a "$LOG"; }
@@ -102,6 +108,16 @@ for part in $PLAN; do
     ours_fp32_infer) # the whole volume through the device window (sliding_window_predict), fp32
       run ours_fp32_infer --skip train,data --precision fp32 --compile-cache "$CACHE" \
         --deadline $(( START + BUDGET )) ;;
+    ours_bf16_infer) # the same window with the layers in bfloat16 (mixed_bfloat16, as precision="bf16"), if time
+                     # remains: the route to half the official loop's time (its ratio is against the official fp32)
+      if [ "$(left)" -lt "$INFER_BF16_MIN" ]; then log "== $part skipped: $(elapsed) s used of the $BUDGET s budget"
+      else run ours_bf16_infer --skip train,data --precision bf16 --compile-cache "$CACHE" \
+        --deadline $(( START + BUDGET )); fi ;;
+    ours_fp32_remat) # ours, fp32, the encoders recomputed in the backward pass (remat): step time and peak memory,
+                     # if time remains (its own compilation: the plain step's cache entry does not serve it)
+      if [ "$(left)" -lt "$REMAT_MIN" ]; then log "== $part skipped: $(elapsed) s used of the $BUDGET s budget"
+      else run ours_fp32_remat --skip infer,data --precision fp32 "${TRAIN[@]}" --remat "$REMAT" \
+        --compile-cache "$CACHE" --deadline $(( START + BUDGET )); fi ;;
     official_bf16)   # bf16 training steps if time remains for both bf16 parts (official: autocast)
       if [ "$(left)" -lt "$BF16_MIN" ]; then log "== $part skipped: $(elapsed) s used of the $BUDGET s budget"
       else run official_bf16 --skip ours,data,infer --precision bf16 "${TRAIN[@]}" --official "$OFFICIAL" \
