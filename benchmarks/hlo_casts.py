@@ -271,16 +271,13 @@ def _norm_remat(mode: str) -> None:
     InstanceNormalization.call = InstanceNormalization.library_call if mode == "off" else call
 
 
-def measure(preset: str, crop, batch: int, policy: str, remat: str, compile_step: bool, top: int,
-            overrides: dict, norm_remat: str = "off", steps: int = 0, dump: str = "",
-            with_residuals: bool = True) -> dict:
-    import jax
-
+def train_step_inputs(model, batch: int, crop):
+    """``(model, x, regions, state)``: ``model`` compiled as training compiles it (SGD, XLA), a toy batch of
+    ``batch`` crops with every modality present, and Keras' JAX state for ``model.train_step(state, (x, regions,
+    None))``: what lowering or compiling the training step needs."""
     from shaspec_tf.data.toy import toy_batch
     from shaspec_tf.training.schedules import make_optimizer
 
-    _norm_remat(norm_remat)
-    model = build(preset, policy, remat, overrides)
     model.compile(optimizer=make_optimizer("sgd", 1e-2), jit_compile=True)
     images, regions = toy_batch(np.random.default_rng(0), batch, tuple(crop))
     x = {"image": images, "modality_mask": np.ones((batch, len(model.modalities)), np.float32)}
@@ -288,6 +285,16 @@ def measure(preset: str, crop, batch: int, policy: str, remat: str, compile_step
     model.optimizer.build(model.trainable_variables)
     state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True, optimizer_variables=True,
                                  metrics_variables=True)
+    return model, x, regions, state
+
+
+def measure(preset: str, crop, batch: int, policy: str, remat: str, compile_step: bool, top: int,
+            overrides: dict, norm_remat: str = "off", steps: int = 0, dump: str = "",
+            with_residuals: bool = True) -> dict:
+    import jax
+
+    _norm_remat(norm_remat)
+    model, x, regions, state = train_step_inputs(build(preset, policy, remat, overrides), batch, crop)
     start = time.perf_counter()
     lowered = jax.jit(model.train_step).lower(state, (x, regions, None))
     report = {"preset": preset, "crop": list(crop), "batch": batch, "policy": policy, "remat": remat,

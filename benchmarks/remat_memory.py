@@ -42,23 +42,10 @@ MIB = 2 ** 20
 
 def measure(preset: str, crop, batch: int, policy: str, remat: str, compile_step: bool) -> dict:
     import jax
-    import keras
 
     import hlo_casts
-    import shaspec_tf
-    from shaspec_tf.data.toy import toy_batch
-    from shaspec_tf.training.schedules import make_optimizer
 
-    keras.config.set_dtype_policy(policy)
-    keras.utils.set_random_seed(0)
-    model = shaspec_tf.build_segmenter(preset, remat=remat)
-    model.compile(optimizer=make_optimizer("sgd", 1e-2), jit_compile=True)
-    images, regions = toy_batch(np.random.default_rng(0), batch, tuple(crop))
-    x = {"image": images, "modality_mask": np.ones((batch, len(model.modalities)), np.float32)}
-    model._symbolic_build(data_batch=(x, regions, None))
-    model.optimizer.build(model.trainable_variables)
-    state = model._get_jax_state(trainable_variables=True, non_trainable_variables=True, optimizer_variables=True,
-                                 metrics_variables=True)
+    model, x, regions, state = hlo_casts.train_step_inputs(hlo_casts.build(preset, policy, remat, {}), batch, crop)
     report = {"preset": preset, "crop": list(crop), "voxels": int(np.prod(crop)), "batch": batch, "policy": policy,
               "remat": remat, "params": int(model.count_params())}
     start = time.perf_counter()
