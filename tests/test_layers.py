@@ -614,6 +614,21 @@ def test_mask_modalities_single_column_on_images(rng):
     np.testing.assert_array_equal(y[1], 0.0)
 
 
+def test_mask_modalities_on_the_modality_axis_of_per_modality_tensors(rng):
+    """``axis=1``: the segmenter's skip maps [B, M, d, h, w, C]; what an absent entry held (NaN here) is gone."""
+    x = rng.normal(size=(2, 3, 2, 4, 4, 5)).astype("float32")
+    x[0, 1] = np.nan
+    mask = np.array([[1, 0, 1], [0, 1, 1]], "float32")
+    layer = L.MaskModalities(axis=1)
+    y = to_numpy(layer(x, mask))
+    for b in range(2):
+        for m in range(3):
+            np.testing.assert_array_equal(y[b, m], x[b, m] if mask[b, m] else 0.0)
+    assert L.MaskModalities.from_config(layer.get_config()).axis == 1
+    with pytest.raises(ValueError, match="modality axis 1 or -1, got axis=2"):
+        L.MaskModalities(axis=2)
+
+
 # -- modality axis helpers -------------------------------------------------------------------------------------------
 def test_fold_modalities_row_layout(rng):
     b, m = 2, 3

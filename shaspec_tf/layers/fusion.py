@@ -133,14 +133,29 @@ class DomainClassifier(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")
 class MaskModalities(keras.layers.Layer):
-    """Zeros the channels of absent modalities: ``x`` ``[B, ..., M]`` and ``mask`` ``[B, M]``.
+    """Zeros the absent modalities' entries of ``x`` along its modality ``axis``, given ``mask`` ``[B, M]``:
+    ``axis=-1`` (default) for channels-last inputs ``[B, ..., M]``, ``axis=1`` for per-modality tensors
+    ``[B, M, ...]`` (the segmenter's skip maps).
 
-    Uses ``where`` rather than a product, so that NaN or Inf in an absent modality's tensor cannot leak through.
+    Uses ``where`` rather than a product, so that NaN or Inf in an absent modality's tensor cannot leak through,
+    and nothing flows back into what computed an absent entry.
     """
 
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        if axis not in (1, -1):
+            raise ValueError(f"MaskModalities masks the modality axis 1 or -1, got axis={axis!r}")
+        self.axis = int(axis)
+
     def call(self, x, mask):
-        m = ops.reshape(ops.cast(mask, x.dtype), (-1,) + (1,) * (len(x.shape) - 2) + (x.shape[-1],))
+        if self.axis == 1:
+            m = _expand_mask(mask, x, x.dtype)
+        else:
+            m = ops.reshape(ops.cast(mask, x.dtype), (-1,) + (1,) * (len(x.shape) - 2) + (x.shape[-1],))
         return ops.where(m > 0, x, ops.zeros_like(x))
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")

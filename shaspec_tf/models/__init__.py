@@ -36,9 +36,9 @@ def build_baseline_classifier(preset: str = "avmnist", **overrides) -> ShaSpecCl
 
 # The model classes by the kind their presets name (``config["task"]``), with the defaults of options that configs
 # saved before those options existed were trained with (a segmenter's ``fusion_init``: the official standardised
-# projection).
+# projection; its ``absent_features``: the encoded zeros).
 _KINDS = {presets[next(iter(presets))]["task"]: (model_class, presets, legacy) for model_class, presets, legacy in (
-    (ShaSpecSegmenter, SEGMENTER_PRESETS, {"fusion_init": "standardised"}),
+    (ShaSpecSegmenter, SEGMENTER_PRESETS, {"fusion_init": "standardised", "absent_features": "encoded"}),
     (ShaSpecClassifier, CLASSIFIER_PRESETS, {}))}
 
 

@@ -31,7 +31,14 @@ _SEGMENTER_COMMON = dict(
     aspp_rates=(2, 4, 8),
     aspp_image_pool_norm=False,   # True: the official (degenerate) instance norm on the 1x1x1 image-pool branch
     remat="none",                 # "encoders": recompute the encoders' insides in the backward pass; "all": decoder too
-)
+    absent_features="zeros",      # absent modalities' skip maps (the baseline: all their features) as zeros without
+)                                 # gradient; "encoded": the shared encoder's output on the zero input (official code)
+
+# What the decoder receives for an absent modality. The official code feeds it the shared encoder's response to the
+# zero-filled input; every instance norm of those (near-)constant maps multiplies the gradient by up to
+# 1/sqrt(eps) = 316, so the shared stem's gradient reaches 1e5 (TensorFlow) to 1e17 (JAX, float32) whenever a
+# modality is absent. "zeros" gives the decoder zeros for them instead, and no gradient through them.
+ABSENT_FEATURES = ("zeros", "encoded")
 
 # Rematerialisation (gradient checkpointing) of the segmenter's training calls: what the backward pass recomputes
 # instead of keeping. Same values and gradients; less memory, one more forward pass of what is recomputed.
@@ -72,7 +79,7 @@ CLASSIFIER_PRESETS["avmnist-tiny"] = dict(CLASSIFIER_PRESETS["avmnist"], stem_fi
 
 # official_parity=True applies these on top of the preset (load weights from the official PyTorch code).
 OFFICIAL_PARITY = dict(fusion_init="standardised", missing_rule="first", masked_aux_losses=False,
-                       symmetric_padding=True, aspp_image_pool_norm=True)
+                       symmetric_padding=True, aspp_image_pool_norm=True, absent_features="encoded")
 
 
 def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
@@ -101,6 +108,9 @@ def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
                          f"{', '.join(variants)}")
     if config["task"] == "segmentation":
         _validate_remat(config, preset)
+        if config["absent_features"] not in ABSENT_FEATURES:
+            raise ValueError(f"unknown absent_features {config['absent_features']!r} for the {preset} preset: "
+                             f"expected one of {', '.join(ABSENT_FEATURES)}")
     return config
 
 
