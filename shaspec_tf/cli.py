@@ -176,6 +176,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
         p.add_argument("--overlap", type=float, default=1 / 3)
         p.add_argument("--tta", action="store_true", help="average over the 8 flips")
         p.add_argument("--postprocess", action="store_true", help="the official ShaSpec* post-processing")
+        p.add_argument("--precision", help="the sliding window's compute precision: fp32 (default) or bf16 (the "
+                                           "layers in bfloat16 with float32 weights, as autocast in nnU-Net and "
+                                           "MONAI; for GPUs)")
 
     from shaspec_tf.tasks import all_tasks
 

@@ -223,7 +223,7 @@ def evaluate(args, extra) -> int:
     for name, model_dir in zip(names, args.model):
         results[name] = evaluate_trained(model_dir, args.data, split=args.split, roi_size=roi, overlap=args.overlap,
                                          tta=args.tta, postprocess=args.postprocess,
-                                         overlay_cases=args.overlay_cases)
+                                         overlay_cases=args.overlay_cases, precision=args.precision)
     written = write_report_folder(results, args.out, titles={name: f"{name} on {args.data}" for name in names},
                                   comparison_title=f"Models on {args.data}")
     from shaspec_tf.overlays import OVERLAY_FOLDER
@@ -249,8 +249,9 @@ def predict(args, extra) -> int:
     if args.server:
         if args.model_name is None:
             raise ValueError("--server needs --model-name (the served model's name)")
-        if args.roi or args.tta or abs(args.overlap - 1 / 3) > 1e-9:
-            raise ValueError("--roi, --overlap and --tta are fixed in the exported graph; leave them out with --server")
+        if args.roi or args.tta or args.precision or abs(args.overlap - 1 / 3) > 1e-9:
+            raise ValueError("--roi, --overlap, --tta and --precision are fixed in the exported graph; leave them out "
+                             "with --server")
         from shaspec_tf.serving_client import predict_nifti_remote
 
         result = predict_nifti_remote(args.server, args.model_name, paths, args.out, protocol=args.protocol,
@@ -263,7 +264,7 @@ def predict(args, extra) -> int:
 
         roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
         result = predict_nifti(args.model, paths, args.out, roi_size=roi, overlap=args.overlap, tta=args.tta,
-                               postprocess=args.postprocess, overwrite=args.overwrite)
+                               postprocess=args.postprocess, overwrite=args.overwrite, precision=args.precision)
     print(f"segmented from {'+'.join(result['modalities'])}: label voxels {result['label_voxels']} -> "
           f"{fileio.absolute(result['out'])}")
     return 0

@@ -147,12 +147,12 @@ def write_nifti_labels(labels, record, given: dict, out_path: str, postprocess: 
 
 def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str, roi_size=None,
                   overlap: Optional[float] = None, tta: bool = False, postprocess: bool = False,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, precision: Optional[str] = None) -> dict:
     """Segment one case from whatever sequences are given (any non-empty subset of FLAIR, T1, T1ce, T2) and write
     BraTS label values (0, 1, 2, 4) as NIfTI with the input's affine and grid. An existing ``out_path`` is replaced
     only when it is a label map of ours, or with ``overwrite``. The window (``roi_size``: default the training crop)
-    and ``overlap`` default as the task says (:meth:`shaspec_tf.tasks.Task.inference_options`). The model folder,
-    the inputs and ``out_path`` may be URIs."""
+    and ``overlap`` default as the task says (:meth:`shaspec_tf.tasks.Task.inference_options`); ``precision``:
+    ``"fp32"`` (default) or ``"bf16"``. The model folder, the inputs and ``out_path`` may be URIs."""
     from shaspec_tf.inference import predict_case
     from shaspec_tf.taskspec.registry import task_for_model
     from shaspec_tf.trained import load_trained
@@ -162,7 +162,8 @@ def predict_nifti(model_dir: str, paths: Dict[str, Optional[str]], out_path: str
     model = load_trained(model_dir)
     with local_inputs(given) as local:
         record = read_nifti_case(local, out_path)
-        options = task_for_model(model.shaspec_config).inference_options(model.shaspec_config, roi_size, overlap)
+        options = task_for_model(model.shaspec_config).inference_options(model.shaspec_config, roi_size, overlap,
+                                                                         precision)
         labels, _ = predict_case(model, record.image, record.modality_mask.astype(np.float32), tta_flips=tta,
                                  **options)
         return write_nifti_labels(labels, record, given, out_path, postprocess, overwrite,

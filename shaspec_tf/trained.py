@@ -63,7 +63,8 @@ def _corrupt_records(files, error: BaseException) -> ValueError:
 
 def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None, roi_size=None,
                      overlap: Optional[float] = None, tta: bool = False, postprocess: bool = False, subsets=None,
-                     batch_size: int = 256, overlay_cases: Optional[int] = None) -> dict:
+                     batch_size: int = 256, overlay_cases: Optional[int] = None,
+                     precision: Optional[str] = None) -> dict:
     """Score a trained model on every modality subset of a prepared split (default: its task's evaluation split,
     BraTS ``eval``, AV-MNIST ``test``), the way its task evaluates (:meth:`shaspec_tf.tasks.Task.evaluate_model`).
 
@@ -72,6 +73,8 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     with every modality enter the subset matrix (others are listed under ``"skipped"``). AV-MNIST: accuracy per
     subset, ``batch_size`` samples per forward pass. ``overlay_cases``: segmentation, how many cases' predictions to
     keep for the overlay pictures of :func:`shaspec_tf.evaluation.write_reports` (``None``: its default, 0: none).
+    ``precision``: the sliding window's (``"fp32"`` by default, ``"bf16"``; see
+    :func:`shaspec_tf.inference.sliding_window_predict`).
 
     A corrupt or truncated TFRecord file is a one-line ``ValueError`` naming the file and record.
     """
@@ -86,6 +89,6 @@ def evaluate_trained(model_dir: str, data_dir: str, split: Optional[str] = None,
     try:
         return task.evaluate_model(model, files, roi_size=roi_size, overlap=overlap, tta=tta,
                                    postprocess=postprocess, subsets=subsets, batch_size=batch_size,
-                                   overlay_cases=overlay_cases)
+                                   overlay_cases=overlay_cases, precision=precision)
     except tf.errors.DataLossError as error:
         raise _corrupt_records(files, error) from error

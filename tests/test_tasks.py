@@ -78,7 +78,11 @@ def test_inference_settings_come_from_the_crop_and_the_inference_module():
     assert options["sigma_scale"] == defaults["sigma_scale"].default and options["mode"] == defaults["mode"].default
     assert BRATS.inference_options({"crop_size": [32, 64, 64]}, roi_size=(16, 32, 32), overlap=0.5)[
         "roi_size"] == (16, 32, 32)
-    assert AVMNIST.inference_options({}) == {}
+    assert "precision" not in options  # the window's own default (fp32) unless asked
+    assert BRATS.inference_options({"crop_size": [32, 64, 64]}, precision="bf16")["precision"] == "bf16"
+    assert AVMNIST.inference_options({}) == {} and AVMNIST.inference_options({}, precision="fp32") == {}
+    with pytest.raises(ValueError, match="precision 'bf16' applies to sliding-window inference, which task 'avmnist'"):
+        AVMNIST.inference_options({}, precision="bf16")
 
 
 def test_record_features_are_what_the_writers_write():

@@ -72,6 +72,29 @@ def test_predict_writes_brats_labels_on_the_input_grid(trained, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["seg.nii.gz"]  # no partial file left
 
 
+def test_precision_reaches_the_sliding_window_of_predict_and_evaluate(trained, tmp_path, capsys):
+    paths = _nifti_inputs(tmp_path)
+    args = ["predict", "--model", str(trained / "shaspec"), "--flair", str(paths["flair"]), "--t1ce",
+            str(paths["t1ce"]), "--roi", "32,32,32"]
+    labels = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.nii.gz"
+        assert main(args + ["--out", str(out), "--precision", precision]) == 0
+        labels[precision] = np.asanyarray(nib.load(str(out)).dataobj)
+    assert np.mean(labels["fp32"] == labels["bf16"]) > 0.98
+    capsys.readouterr()
+    # an unknown precision is one line from the window itself, before anything is written, in both commands
+    assert main(args + ["--out", str(tmp_path / "fp16.nii.gz"), "--precision", "fp16"]) == 2
+    assert main(["evaluate", "--model", str(trained / "shaspec"), "--data", str(trained / "data"), "--out",
+                 str(tmp_path / "report"), "--roi", "32,32,32", "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("precision must be one of fp32, bf16, got 'fp16'" in line for line in err), err
+    assert not (tmp_path / "fp16.nii.gz").exists() and not (tmp_path / "report").exists()
+    assert main(["predict", "--server", "localhost:1", "--model-name", "m", "--flair", str(paths["flair"]),
+                 "--out", str(tmp_path / "x.nii.gz"), "--precision", "bf16"]) == 2
+    assert "fixed in the exported graph" in capsys.readouterr().err
+
+
 def test_predict_replaces_only_its_own_label_maps(trained, tmp_path, capsys):
     paths = _nifti_inputs(tmp_path)
     args = ["predict", "--model", str(trained / "shaspec"), "--flair", str(paths["flair"]), "--roi", "32,32,32"]

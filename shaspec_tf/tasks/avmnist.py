@@ -43,9 +43,12 @@ class AvMnistTask(Task):
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap=None, tta: bool = False,
                        postprocess: bool = False, subsets=None, batch_size: int = 256,
-                       overlay_cases: Optional[int] = None) -> dict:
-        """Accuracy per subset over every sample of ``files`` (the inference options and overlays do not apply)."""
+                       overlay_cases: Optional[int] = None, precision: Optional[str] = None) -> dict:
+        """Accuracy per subset over every sample of ``files`` (the inference options and overlays do not apply; a
+        ``precision`` other than fp32 is refused)."""
         import numpy as np
+
+        self.inference_options(model.shaspec_config, precision=precision)
 
         from shaspec_tf.data.input import avmnist_dataset
         from shaspec_tf.evaluation import evaluate_subsets

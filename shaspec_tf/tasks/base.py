@@ -156,13 +156,17 @@ class Task:
         raise NotImplementedError(f"task {self.name!r} has no training input")
 
     # -- evaluation and inference -----------------------------------------------------------------------------------
-    def inference_options(self, model_config: dict, roi_size=None, overlap: Optional[float] = None) -> dict:
+    def inference_options(self, model_config: dict, roi_size=None, overlap: Optional[float] = None,
+                          precision: Optional[str] = None) -> dict:
         """Keyword options of the task's whole-input inference (nothing when a model sees whole inputs at once)."""
+        if precision not in (None, "fp32"):
+            raise ValueError(f"precision {precision!r} applies to sliding-window inference, which task {self.name!r} "
+                             "does not use (its models see whole inputs at once)")
         return {}
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap: Optional[float] = None, tta: bool = False,
                        postprocess: bool = False, subsets=None, batch_size: int = 256,
-                       overlay_cases: Optional[int] = None) -> dict:
+                       overlay_cases: Optional[int] = None, precision: Optional[str] = None) -> dict:
         """:func:`shaspec_tf.evaluation.evaluate_subsets` results of ``model`` on the records of ``files``
         (``overlay_cases``: how many cases' segmentations to keep for the overlay pictures; ``None``: the default)."""
         raise NotImplementedError(f"task {self.name!r} cannot evaluate a model on records")

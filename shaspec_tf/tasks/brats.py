@@ -60,18 +60,22 @@ class BratsTask(Task):
         return brats_dataset(files, batch_size=config.batch_size, crop_size=crop, seed=config.seed, dropout=dropout,
                              start_step=start_step, num_modalities=len(self.modalities))
 
-    def inference_options(self, model_config: dict, roi_size=None, overlap: Optional[float] = None) -> dict:
-        """``{"roi_size", "overlap", "mode", "sigma_scale"}`` for :func:`shaspec_tf.inference.sliding_window_predict`:
-        the window defaults to the model's training crop, the rest to the inference module's defaults."""
+    def inference_options(self, model_config: dict, roi_size=None, overlap: Optional[float] = None,
+                          precision: Optional[str] = None) -> dict:
+        """``{"roi_size", "overlap", "mode", "sigma_scale"}`` (and ``"precision"`` when given) for
+        :func:`shaspec_tf.inference.sliding_window_predict`: the window defaults to the model's training crop, the
+        rest to the inference module's defaults."""
         options = inference_defaults()
         options["roi_size"] = tuple(roi_size or model_config["crop_size"])
         if overlap is not None:
             options["overlap"] = float(overlap)
+        if precision is not None:
+            options["precision"] = precision
         return options
 
     def evaluate_model(self, model, files, *, roi_size=None, overlap: Optional[float] = None, tta: bool = False,
                        postprocess: bool = False, subsets=None, batch_size: int = 256,
-                       overlay_cases: Optional[int] = None) -> dict:
+                       overlay_cases: Optional[int] = None, precision: Optional[str] = None) -> dict:
         """Sliding-window inference over each whole (cropped) case, labels in BraTS values, Dice and HD95 per region
         in mm; only labelled cases with every modality enter the subset matrix (the others are listed under
         ``"skipped"``)."""
@@ -81,7 +85,7 @@ class BratsTask(Task):
         from shaspec_tf.inference import postprocess as postprocess_labels
         from shaspec_tf.inference import probabilities_to_labels, sliding_window_predict
 
-        options = self.inference_options(model.shaspec_config, roi_size, overlap)
+        options = self.inference_options(model.shaspec_config, roi_size, overlap, precision)
         skipped = []
 
         def cases():
