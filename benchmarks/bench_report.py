@@ -133,7 +133,7 @@ def _first_step(entry: dict) -> dict:
     startup = train.get("startup", {})
     return {"first_step_s": train["first_step_s"], "to_first_step_s": startup.get("to_first_step_s"),
             "cache_entries_before": startup.get("cache_entries_before"), "import_s": startup.get("import_s"),
-            "build_s": startup.get("build_s")}
+            "build_s": startup.get("build_s"), "phases": startup.get("first_step_phases")}
 
 
 def merge_parts(folder: str, gpu_info: str = None) -> dict:
@@ -196,8 +196,10 @@ def first_step_lines(merged: dict) -> list:
                 if "error" in entry:
                     lines.append(f"{name}: {entry['error'][:120]}")
                 else:
+                    phases = entry.get("phases") or {}
+                    split = ", ".join(f"{k[:-2].replace('_', ' ')} {_fmt(v, 1)} s" for k, v in phases.items() if v)
                     lines.append(f"{name}: {_fmt(entry['first_step_s'], 1)} s (from process start "
-                                 f"{_fmt(entry.get('to_first_step_s'), 1)} s)")
+                                 f"{_fmt(entry.get('to_first_step_s'), 1)} s)" + (f"; of it {split}" if split else ""))
     return lines
 
 

@@ -19,8 +19,10 @@ What is measured (``ours`` = this package on the Keras backend ``--backend``, de
   ``--random-steps`` timed steps with a random non-empty modality subset per sample (``random_modalities``; the
   official law: k ~ U{1..4} modalities). Each step's time ends when its loss is on the host, so it is synchronous.
   ``startup`` splits the way to the first step: ``import_s``, ``build_s``, ``first_step_s`` and
-  ``to_first_step_s`` (from the worker's launch); with ``--compile-cache DIR`` ours keeps and loads its compiled
-  programs there (``shaspec_tf.compile_cache``; ``cache_entries_before`` tells a cold run from a warm one).
+  ``to_first_step_s`` (from the worker's launch), and under JAX ``first_step_phases``: the first step's seconds of
+  tracing, lowering, XLA compilation and cache loading as JAX reports them; with ``--compile-cache DIR`` ours keeps
+  and loads its compiled programs there (``shaspec_tf.compile_cache``; ``cache_entries_before`` tells a cold run
+  from a warm one).
   ``losses`` and ``all_finite`` cover every step of both runs. Data are a toy volume (``shaspec_tf.data.toy``)
   held in host memory and passed per step, so ours includes the host-to-device copy of the batch (as ``fit`` does).
 * ``peak_memory``: JAX on GPU: ``memory_stats()["peak_bytes_in_use"]``; TensorFlow on GPU:
@@ -50,7 +52,7 @@ What is measured (``ours`` = this package on the Keras backend ``--backend``, de
 JSON keys: ``schema``, ``label``, ``argv``, ``backend``, ``config``, ``host``, ``card`` (the device the workers
 named), ``ours`` -> precision -> ``train`` / ``infer``, ``data``, ``official`` -> precision -> ``train`` / ``infer``,
 ``ratios`` -> precision -> ``train_step`` / ``train_step_random`` / ``whole_volume`` / ``peak_memory``. See
-``TRAIN_KEYS`` / ``INFER_KEYS`` / ``DATA_KEYS`` / ``STARTUP_KEYS``. ``benchmarks/bench_report.py`` merges several
+``TRAIN_KEYS`` / ``INFER_KEYS`` / ``DATA_KEYS`` / ``STARTUP_KEYS`` (and ``JAX_PHASES``). ``benchmarks/bench_report.py`` merges several
 reports (the parts of ``benchmarks/gpu/run_gpu_benchmark.sh``) into one summary.
 """
 from __future__ import annotations
@@ -158,6 +160,36 @@ def _build_ours(keras, spec):
     return shaspec_tf.build_segmenter(spec["preset"], **overrides)
 
 
+# JAX's monitoring events of a compilation, by the name ``first_step_phases`` gives them
+JAX_PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+              "/jax/core/compile/backend_compile_duration": "xla_compile_s",
+              "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load_s"}
+
+
+def jax_phase_seconds(keras):
+    """A dict of the seconds JAX reports, from now on, for each phase of :data:`JAX_PHASES`: ``trace_s``, the longest
+    tracing (a jitted function's tracing includes that of the jitted functions it calls, which report their own:
+    the longest is the training step's, whole); ``lower_s``, ``xla_compile_s`` and ``cache_load_s``, sums over
+    programs (lowering to StableHLO, XLA's compilation, loading from the persistent cache). ``None`` under another
+    backend. Tracing and lowering happen in every process, cache or not: they bound a warm first step."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax.monitoring
+
+    phases = dict.fromkeys(JAX_PHASES.values(), 0.0)
+
+    def listener(event, duration, *args, **kwargs):
+        name = JAX_PHASES.get(event)
+        if name == "trace_s":
+            phases[name] = max(phases[name], float(duration))
+        elif name:
+            phases[name] += float(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return phases
+
+
 def ours_train(spec) -> dict:
     keras = _keras_setup(spec)
     from shaspec_tf.training.schedules import make_optimizer
@@ -179,10 +211,13 @@ def ours_train(spec) -> dict:
         losses.append(float(logs["loss"]))
         return elapsed
 
+    phases = jax_phase_seconds(keras)
     warm = [step(ones)]
     # From the worker's launch (interpreter start, imports, model build, compilation or cache load, first step).
     startup = dict(spec["_startup"], first_step_s=warm[0],
                    to_first_step_s=time.time() - spec["launched_at"] if spec.get("launched_at") else None)
+    if phases is not None:
+        startup["first_step_phases"] = {k: round(v, 3) for k, v in phases.items()}
     warm += [step(ones) for _ in range(max(1, spec["warmup"]) - 1)]
     timed = [step(ones) for _ in range(spec["steps"])]
     masks = [random_masks(rng, spec["batch"], len(model.modalities)) for _ in range(spec["random_steps"])]

@@ -77,6 +77,10 @@ def test_harness_on_jax_without_tensorflow_writes_the_documented_json(tmp_path):
     entry = report["ours"]["fp32"]
     _check_train(entry["train"])
     assert entry["train"]["backend"] == "jax" and entry["train"]["params"] > 0
+    # the first step's split as JAX reports it: every phase named, tracing at least once, within the step's time
+    phases = entry["train"]["startup"]["first_step_phases"]
+    assert set(phases) == set(tsb.JAX_PHASES.values()) and all(v >= 0 for v in phases.values())
+    assert 0 < phases["trace_s"] <= sum(phases.values()) <= entry["train"]["first_step_s"]
     infer = entry["infer"]
     for key in tsb.INFER_KEYS:
         assert key in infer, key
@@ -93,6 +97,7 @@ def test_harness_on_jax_without_tensorflow_writes_the_documented_json(tmp_path):
 def test_harness_on_tensorflow_times_the_tf_data_pipeline(tmp_path):
     report, _ = _run(tmp_path, "tensorflow", "--skip", "infer", "--data-case-shape", "40,72,72")
     _check_train(report["ours"]["fp32"]["train"])
+    assert "first_step_phases" not in report["ours"]["fp32"]["train"]["startup"]  # JAX's events only
     assert "infer" not in report["ours"]["fp32"]
     assert report["data"]["source"] == "tfdata" and report["data"]["n"] == 2
     assert _finite_number(report["data"]["median_s"]) and report["data"]["case_shape"] == [40, 72, 72]
@@ -139,6 +144,8 @@ def test_report_merges_the_gpu_parts_with_first_steps_cold_and_warm(tmp_path):
              "ours_fp32_cold": _part("ours_fp32_cold", "ours", "fp32", (88.0, 100.0, 0.2, 60)),
              "ours_fp32_warm": _part("ours_fp32_warm", "ours", "fp32", (4.0, 9.0, 0.3, 50)),
              "ours_fp32_infer": _part("ours_fp32_infer", "ours", "fp32", infer=0.2)}
+    parts["ours_fp32_warm"]["ours"]["fp32"]["train"]["startup"]["first_step_phases"] = {
+        "trace_s": 2.5, "lower_s": 1.0, "xla_compile_s": 0.0, "cache_load_s": 0.3}
     for name, report in parts.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(report))
     merged = bench_report.main([str(tmp_path), "--gpu-info", "NVIDIA H200, 143771 MiB, 570.1"])
@@ -147,7 +154,11 @@ def test_report_merges_the_gpu_parts_with_first_steps_cold_and_warm(tmp_path):
     first = merged["first_step"]
     assert first["ours"]["fp32"]["cold"]["first_step_s"] == 88.0
     assert first["ours"]["fp32"]["warm"] == {"first_step_s": 4.0, "to_first_step_s": 9.0, "cache_entries_before": None,
-                                             "import_s": None, "build_s": None}
+                                             "import_s": None, "build_s": None,
+                                             "phases": {"trace_s": 2.5, "lower_s": 1.0, "xla_compile_s": 0.0,
+                                                        "cache_load_s": 0.3}}
+    assert ("first step ours fp32 warm: 4.0 s (from process start 9.0 s); of it trace 2.5 s, lower 1.0 s, cache "
+            "load 0.3 s") in bench_report.first_step_lines(merged)
     assert first["official"]["fp32"]["first"]["first_step_s"] == 44.0
     # the warm part adds only its first step: the train figures are the cold part's
     assert merged["ours"]["fp32"]["train"]["all_modalities"]["median_s"] == 0.2
@@ -249,13 +260,23 @@ def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions(
     assert scores["ET"] == pytest.approx(30.0) and scores["WT"] == pytest.approx(70.0)
     assert scores["t1"] == pytest.approx(100 / 3, abs=1e-4) and scores["mean"] == pytest.approx(140 / 3, abs=1e-4)
     args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1,
-                              dedicated=list(pbl.DEDICATED)))()
+                              dedicated=list(pbl.DEDICATED), runs=None))()
     runs = pbl.runs(args)
-    assert [r.name for r in runs[:3]] == ["shaspec", "baseline", "linear-fusion"]
-    assert [r.subsets for r in runs[3:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
-    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[3:])
-    # the linear-fusion ablation is ShaSpec with a 1x1x1 fusion projection, trained as ShaSpec is
-    assert runs[2].subsets is None and runs[2].options == dict(runs[0].options, model_options={"fusion_kernel": 1})
+    assert [r.name for r in runs[:4]] == ["shaspec", "baseline", "linear-fusion", "encoded-absent"]
+    assert [r.subsets for r in runs[4:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
+    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[4:])
+    # every run names absent_features, so that a work folder of models trained before the option never resumes
+    assert all(r.options["model_options"]["absent_features"] in ("zeros", "encoded") for r in runs)
+    # the ablations are ShaSpec with one option changed, trained as ShaSpec is
+    zeros = runs[0].options["model_options"]
+    assert runs[2].subsets is None and runs[2].options == dict(runs[0].options,
+                                                               model_options=dict(zeros, fusion_kernel=1))
+    assert runs[3].options == dict(runs[0].options, model_options={"absent_features": "encoded"})
+    args.runs = ["encoded-absent", "shaspec"]
+    assert [r.name for r in pbl.runs(args)] == ["shaspec", "encoded-absent"]
+    args.runs = ["shaspc"]
+    with pytest.raises(SystemExit, match="unknown run"):
+        pbl.runs(args)
 
 
 def test_study_statistics_and_paired_verdicts():
