@@ -3,14 +3,16 @@
     python benchmarks/phantom_brats_learning.py [--seeds 5] [--cases 24] [--steps 400] [--warmup-steps 100]
                                                 [--preset small] [--crop 32,64,64] [--work phantom_study]
                                                 [--dedicated t1 flair flair+t1+t1ce+t2 | --dedicated]
-                                                [--runs shaspec baseline linear-fusion encoded-absent ...]
+                                                [--runs shaspec baseline linear-fusion encoded-absent
+                                                        zeros-absent dedicated-t1 ...]
 
 Generates phantom cases (``shaspec prepare phantom``) and their TFRecords (``shaspec prepare brats``, 20 % eval) once
 into WORK, then trains, per seed (``--seed K --deterministic``): ShaSpec and the baseline (the shared encoder alone on
 zero-filled inputs) with the task's default modality dropout; the one ablation of the paper's Table 6 that only the
 segmenter has (a linear, 1x1x1 fusion projection instead of the official 3x3x3); ShaSpec with the official code's
-skip maps for absent modalities (``absent_features="encoded"``: the shared encoder's output on the zero input,
-instead of zeros that pass no gradient back); and a dedicated model (``--regime dedicated``: trained and tested with
+skip maps for absent modalities (``absent_features="encoded"``: the shared encoder's output on the zero input, with
+its gradient, instead of the same values without it), and with zeros there instead (``"zeros"``); and a dedicated
+model (``--regime dedicated``: trained and tested with
 one subset) for each of :data:`DEDICATED`. Every model is scored on the eval
 phantoms (Dice, %): the non-dedicated ones on all 15 subsets, a dedicated one on its own.
 
@@ -55,16 +57,18 @@ def runs(args) -> list:
     from before that option (whose models took the official "encoded" route) is never mistaken for this one."""
     common = {"preset": args.preset, "steps": args.steps, "crop_size": list(args.crop)}
     dropout = dict(common, warmup_steps=args.warmup_steps)
-    zeros = {"absent_features": "zeros"}
-    every = ([Run("shaspec", dict(dropout, variant="shaspec", model_options=zeros), label="ShaSpec (one model)"),
-              Run("baseline", dict(dropout, variant="baseline", model_options=zeros),
+    default = {"absent_features": "detached"}
+    every = ([Run("shaspec", dict(dropout, variant="shaspec", model_options=default), label="ShaSpec (one model)"),
+              Run("baseline", dict(dropout, variant="baseline", model_options=default),
                   label="baseline (shared encoder, zero-filled)"),
-              Run("linear-fusion", dict(dropout, variant="shaspec", model_options=dict(zeros, fusion_kernel=1)),
+              Run("linear-fusion", dict(dropout, variant="shaspec", model_options=dict(default, fusion_kernel=1)),
                   label="ShaSpec, linear (1x1x1) fusion"),
               Run("encoded-absent", dict(dropout, variant="shaspec", model_options={"absent_features": "encoded"}),
-                  label="ShaSpec, absent skips encoded (official)")]
+                  label="ShaSpec, absent skips with gradient (official)"),
+              Run("zeros-absent", dict(dropout, variant="shaspec", model_options={"absent_features": "zeros"}),
+                  label="ShaSpec, absent skips zeroed")]
              + [Run(f"dedicated-{s}", dict(common, variant="shaspec", regime="dedicated", subset=s,
-                                           model_options=zeros), subsets=(s,), label=f"dedicated to {s}")
+                                           model_options=default), subsets=(s,), label=f"dedicated to {s}")
                 for s in args.dedicated])
     unknown = sorted(set(args.runs or ()) - {run.name for run in every})
     if unknown:
@@ -85,7 +89,8 @@ def main(argv=None) -> dict:
                         help="subsets to train dedicated models for (none: ShaSpec and the baseline only; their "
                              "results are kept, so a later run with dedicated models adds only those)")
     parser.add_argument("--runs", nargs="+", metavar="NAME",
-                        help="train and report only these runs (default: all), e.g. shaspec baseline encoded-absent")
+                        help="train and report only these runs (default: all), e.g. shaspec baseline encoded-absent "
+                             "zeros-absent")
     args = parser.parse_args(argv)
     args.crop = tuple(int(v) for v in args.crop.split(","))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -157,6 +157,9 @@ def build_parser(commands: Sequence[Command] = ()) -> argparse.ArgumentParser:
     tr.add_argument("--drop-probs", metavar="MODALITY=P,...",
                     help="independent dropout per modality instead of --drop-rate's law, e.g. audio=0.5,image=0.2 "
                          "(unnamed modalities: 0; a sample always keeps one)")
+    tr.add_argument("--model-option", action="append", metavar="KEY=VALUE",
+                    help="a model option of the preset (repeatable; VALUE read as JSON when it parses, else as text), "
+                         "e.g. remat=encoders, absent_features=encoded, fusion_kernel=1")
     tr.add_argument("--lr", type=float, help="default: {task_learning_rate}")
     tr.add_argument("--schedule", choices=("poly", "cosine", "constant"), help="default: {schedule}")
     tr.add_argument("--optimizer", choices=("sgd", "adam"), help="default: {task_optimizer}")

@@ -188,8 +188,17 @@ def train(args, extra) -> int:
             except ValueError:
                 raise ValueError(f"--drop-probs takes MODALITY=P pairs separated by commas, got {args.drop_probs!r}"
                                  ) from None
+    model_options = {}
+    for item in args.model_option or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-option takes KEY=VALUE, got {item!r}")
+        try:
+            model_options[key.strip()] = json.loads(text)
+        except ValueError:
+            model_options[key.strip()] = text
     options = dict(
-        drop_probs=probs, preset=args.preset, variant=args.variant, steps=args.steps, epochs=args.epochs,
+        model_options=model_options or None, drop_probs=probs, preset=args.preset, variant=args.variant, steps=args.steps, epochs=args.epochs,
         checkpoint_every=args.checkpoint_every, batch_size=args.batch_size, crop_size=crop, regime=args.regime,
         subset=args.subset, warmup_steps=args.warmup_steps, ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
         learning_rate=args.lr, schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay,

@@ -251,6 +251,7 @@ def test_gpu_script_dry_run_writes_one_summary(tmp_path):
 
 def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions():
     from benchmarks import phantom_brats_learning as pbl
+    from shaspec_tf.models.presets import SEGMENTER_PRESETS
 
     def dice(et, wt, tc):
         return {"ET": {"dice": et, "hd95": 1.0}, "WT": {"dice": wt, "hd95": 2.0}, "TC": {"dice": tc, "hd95": None}}
@@ -262,16 +263,18 @@ def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions(
     args = type("A", (), dict(preset="tiny", steps=4, crop=(16, 32, 32), warmup_steps=1,
                               dedicated=list(pbl.DEDICATED), runs=None))()
     runs = pbl.runs(args)
-    assert [r.name for r in runs[:4]] == ["shaspec", "baseline", "linear-fusion", "encoded-absent"]
-    assert [r.subsets for r in runs[4:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
-    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[4:])
+    assert [r.name for r in runs[:5]] == ["shaspec", "baseline", "linear-fusion", "encoded-absent", "zeros-absent"]
+    assert [r.subsets for r in runs[5:]] == [(s,) for s in pbl.DEDICATED] and runs[0].subsets is None
+    assert all(r.options["regime"] == "dedicated" and "warmup_steps" not in r.options for r in runs[5:])
     # every run names absent_features, so that a work folder of models trained before the option never resumes
-    assert all(r.options["model_options"]["absent_features"] in ("zeros", "encoded") for r in runs)
+    assert all(r.options["model_options"]["absent_features"] in ("zeros", "detached", "encoded") for r in runs)
     # the ablations are ShaSpec with one option changed, trained as ShaSpec is
-    zeros = runs[0].options["model_options"]
+    default = runs[0].options["model_options"]
+    assert default == {"absent_features": SEGMENTER_PRESETS["small"]["absent_features"]}  # the library's default
     assert runs[2].subsets is None and runs[2].options == dict(runs[0].options,
-                                                               model_options=dict(zeros, fusion_kernel=1))
+                                                               model_options=dict(default, fusion_kernel=1))
     assert runs[3].options == dict(runs[0].options, model_options={"absent_features": "encoded"})
+    assert runs[4].options == dict(runs[0].options, model_options={"absent_features": "zeros"})
     args.runs = ["encoded-absent", "shaspec"]
     assert [r.name for r in pbl.runs(args)] == ["shaspec", "encoded-absent"]
     args.runs = ["shaspc"]

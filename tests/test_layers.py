@@ -627,6 +627,24 @@ def test_mask_modalities_on_the_modality_axis_of_per_modality_tensors(rng):
     assert L.MaskModalities.from_config(layer.get_config()).axis == 1
     with pytest.raises(ValueError, match="modality axis 1 or -1, got axis=2"):
         L.MaskModalities(axis=2)
+    with pytest.raises(ValueError, match="absent must be 'zeros' or 'detached', got 'nan'"):
+        L.MaskModalities(absent="nan")
+
+
+def test_mask_modalities_detached_keeps_values_and_stops_their_gradient(rng):
+    from conftest import gradients
+
+    x = rng.normal(size=(2, 3, 4, 5)).astype("float32")
+    mask = np.array([[1, 0, 1], [0, 1, 1]], "float32")
+    layer = L.MaskModalities(axis=1, absent="detached")
+    np.testing.assert_array_equal(to_numpy(layer(x, mask)), x)
+    assert L.MaskModalities.from_config(layer.get_config()).absent == "detached"
+    inputs, mask_in = keras.Input((3, 4, 5)), keras.Input((3,))
+    model = keras.Model([inputs, mask_in], layer(keras.layers.Dense(5, kernel_initializer="ones")(inputs), mask_in))
+    # d(sum of the outputs) / d(kernel[c, j]) sums x[..., c] over the present entries only
+    kernel_grad = gradients(model, [x, mask], lambda out: keras.ops.sum(out))[0]
+    expected = np.repeat(np.einsum("bmhc,bm->c", x, mask)[:, None], 5, axis=1)
+    np.testing.assert_allclose(kernel_grad, expected, rtol=1e-5, atol=1e-5)
 
 
 # -- modality axis helpers -------------------------------------------------------------------------------------------

@@ -273,32 +273,38 @@ def test_official_parity_image_pool_branch_gets_no_gradient():
 def test_absent_modalities_keep_the_gradient_bounded(variant):
     """An absent modality's zero input gives (near-)constant shared maps, and every instance norm of such a map
     multiplies the gradient by up to 1/sqrt(eps): with the official code's skips the shared stem's gradient reached
-    5e5 under TensorFlow and 4e17 under JAX. By default the decoder gets zeros for them, with no gradient back."""
+    5e5 under TensorFlow and 4e17 under JAX. By default the decoder gets the same values with no gradient back."""
     rng = np.random.default_rng(16)
     x = seg_inputs(rng, batch=2, shape=(32, 64, 64), masks=[[1, 0, 0, 0], [0, 1, 0, 1]])
     y = (rng.random((2, 32, 64, 64, 3)) > 0.7).astype("float32")
-    largest = {}
-    for absent in ("zeros", "encoded"):
+    largest, logits = {}, {}
+    for absent in ("zeros", "detached", "encoded"):
         keras.utils.set_random_seed(5)
         model = shaspec_tf.build_segmenter("tiny", variant=variant, absent_features=absent)
         grads = gradients(model, x, lambda out: model.loss_terms(x, y, out)["total"])
         largest[absent] = max(float(np.max(np.abs(g))) for g in grads if g is not None)
-    assert largest["zeros"] < 10, largest
-    assert largest["encoded"] > 1e3, largest  # the official route: what the default avoids
+        for v in model.trainable_variables:  # offsets as training leaves them: at zero, zeros in give zeros out
+            if v.path.startswith("shared_encoder/") and v.path.endswith("/beta"):
+                v.assign(np.full(v.shape, 0.1, "float32"))
+        logits[absent] = to_numpy(model(x)["logits"])
+    assert largest["zeros"] < 10 and largest["detached"] < 10, largest
+    assert largest["encoded"] > 1e3, largest  # the official route: what the other two avoid
+    np.testing.assert_array_equal(logits["detached"], logits["encoded"])  # the same values, only no gradient
+    assert np.max(np.abs(logits["zeros"] - logits["encoded"])) > 1e-3
 
 
 def test_absent_features_default_official_parity_and_older_configs():
-    assert shaspec_tf.build_segmenter("tiny").shaspec_config["absent_features"] == "zeros"
+    assert shaspec_tf.build_segmenter("tiny").shaspec_config["absent_features"] == "detached"
     assert shaspec_tf.build_segmenter("tiny", official_parity=True).shaspec_config["absent_features"] == "encoded"
     config = json.loads(shaspec_tf.build_segmenter("tiny").config_json())
     del config["absent_features"]  # a model saved before the option: trained on the encoded zeros
     assert build_model(config).shaspec_config["absent_features"] == "encoded"
-    with pytest.raises(ValueError, match="unknown absent_features 'nan'.*zeros, encoded"):
+    with pytest.raises(ValueError, match="unknown absent_features 'nan'.*zeros, detached, encoded"):
         shaspec_tf.build_segmenter("tiny", absent_features="nan")
 
 
 def test_absent_skips_reach_the_decoder_as_zeros():
-    model = shaspec_tf.build_segmenter("tiny")
+    model = shaspec_tf.build_segmenter("tiny", absent_features="zeros")
     x = seg_inputs(np.random.default_rng(17), masks=[[1, 0, 1, 0], [0, 1, 1, 1]])
     skips = probe(model, **{f"s{i}": f"mask_skip{i}" for i in range(4)})(x)
     for i in range(4):

@@ -33,6 +33,24 @@ def trained(tmp_path_factory):
     return root
 
 
+def test_train_takes_model_options_and_refuses_unknown_ones_before_writing(trained, tmp_path, capsys):
+    base = ["train", "--task", "brats", "--data", str(trained / "data"), "--preset", "tiny", "--steps", "1",
+            "--checkpoint-every", "1", "--batch-size", "1", "--crop", "32,32,32", "--eager"]
+    out = tmp_path / "opts"
+    assert main(base + ["--out", str(out), "--model-option", "absent_features=zeros",
+                        "--model-option", "fusion_kernel=1", "--model-option", "aspp_rates=[1, 2, 3]"]) == 0
+    config = json.loads((out / "model_config.json").read_text())
+    assert (config["absent_features"], config["fusion_kernel"], config["aspp_rates"]) == ("zeros", 1, [1, 2, 3])
+    capsys.readouterr()
+    for option, message in (("absent=zeros", "unknown option(s) ['absent']"), ("remat", "takes KEY=VALUE"),
+                            ("absent_features=nan", "unknown absent_features 'nan'")):
+        bad = tmp_path / "bad"
+        assert main(base + ["--out", str(bad), "--model-option", option]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not bad.exists()
+
+
 def test_evaluate_writes_every_subset_and_compares_models(trained, capsys):
     out = trained / "eval"
     args = ["evaluate", "--model", str(trained / "shaspec"), "--model", str(trained / "baseline"),

@@ -135,27 +135,30 @@ class DomainClassifier(keras.layers.Layer):
 class MaskModalities(keras.layers.Layer):
     """Zeros the absent modalities' entries of ``x`` along its modality ``axis``, given ``mask`` ``[B, M]``:
     ``axis=-1`` (default) for channels-last inputs ``[B, ..., M]``, ``axis=1`` for per-modality tensors
-    ``[B, M, ...]`` (the segmenter's skip maps).
+    ``[B, M, ...]`` (the segmenter's skip maps). ``absent="detached"`` keeps their values instead and only stops
+    their gradient.
 
     Uses ``where`` rather than a product, so that NaN or Inf in an absent modality's tensor cannot leak through,
     and nothing flows back into what computed an absent entry.
     """
 
-    def __init__(self, axis=-1, **kwargs):
+    def __init__(self, axis=-1, absent="zeros", **kwargs):
         super().__init__(**kwargs)
         if axis not in (1, -1):
             raise ValueError(f"MaskModalities masks the modality axis 1 or -1, got axis={axis!r}")
-        self.axis = int(axis)
+        if absent not in ("zeros", "detached"):
+            raise ValueError(f"MaskModalities: absent must be 'zeros' or 'detached', got {absent!r}")
+        self.axis, self.absent = int(axis), absent
 
     def call(self, x, mask):
         if self.axis == 1:
             m = _expand_mask(mask, x, x.dtype)
         else:
             m = ops.reshape(ops.cast(mask, x.dtype), (-1,) + (1,) * (len(x.shape) - 2) + (x.shape[-1],))
-        return ops.where(m > 0, x, ops.zeros_like(x))
+        return ops.where(m > 0, x, ops.zeros_like(x) if self.absent == "zeros" else ops.stop_gradient(x))
 
     def get_config(self):
-        return {**super().get_config(), "axis": self.axis}
+        return {**super().get_config(), "axis": self.axis, "absent": self.absent}
 
 
 @keras.saving.register_keras_serializable(package="shaspec_tf")

@@ -31,14 +31,16 @@ _SEGMENTER_COMMON = dict(
     aspp_rates=(2, 4, 8),
     aspp_image_pool_norm=False,   # True: the official (degenerate) instance norm on the 1x1x1 image-pool branch
     remat="none",                 # "encoders": recompute the encoders' insides in the backward pass; "all": decoder too
-    absent_features="zeros",      # absent modalities' skip maps (the baseline: all their features) as zeros without
-)                                 # gradient; "encoded": the shared encoder's output on the zero input (official code)
+    absent_features="detached",   # absent modalities' skip maps (the baseline: all their features): the official
+)                                 # values with no gradient back; "zeros"; "encoded" (the official code, gradient too)
 
 # What the decoder receives for an absent modality. The official code feeds it the shared encoder's response to the
-# zero-filled input; every instance norm of those (near-)constant maps multiplies the gradient by up to
+# zero-filled input ("encoded"); every instance norm of those (near-)constant maps multiplies the gradient by up to
 # 1/sqrt(eps) = 316, so the shared stem's gradient reaches 1e5 (TensorFlow) to 1e17 (JAX, float32) whenever a
-# modality is absent. "zeros" gives the decoder zeros for them instead, and no gradient through them.
-ABSENT_FEATURES = ("zeros", "encoded")
+# modality is absent, and 8 SGD steps from initialisation without a warm-up put weights at 9e5 (TensorFlow) and
+# 4e18 (JAX). "detached" (default) gives the decoder the same values with no gradient through them: the official
+# forward pass, every weight bounded. "zeros" gives it zeros instead, also without gradient.
+ABSENT_FEATURES = ("zeros", "detached", "encoded")
 
 # Rematerialisation (gradient checkpointing) of the segmenter's training calls: what the backward pass recomputes
 # instead of keeping. Same values and gradients; less memory, one more forward pass of what is recomputed.

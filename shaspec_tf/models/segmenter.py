@@ -57,13 +57,13 @@ def _segmenter_graph(c: dict):
     # Shared encoder: one pass over every modality, folded into the batch (row b * M + m).
     shared_out = _encoder(c, "shared_encoder")(FoldModalities(name="fold")(image))
     shared = UnfoldModalities(m, name="unfold_shared")(shared_out["features"])           # [B, M, d, h, w, C]
-    zero_absent = c["absent_features"] == "zeros"
-
-    def absent_zeroed(x, name):  # [B, M, ...] with the absent modalities' entries zeroed (see ABSENT_FEATURES)
-        return MaskModalities(axis=1, name=name)(x, inputs["modality_mask"]) if zero_absent else x
+    def absent_handled(x, name):  # [B, M, ...], its absent modalities' entries as ABSENT_FEATURES says
+        if c["absent_features"] == "encoded":
+            return x
+        return MaskModalities(axis=1, absent=c["absent_features"], name=name)(x, inputs["modality_mask"])
 
     skips = [ModalitiesToChannels(name=f"skip{i}_channels")(
-        absent_zeroed(UnfoldModalities(m, name=f"unfold_skip{i}")(s), f"mask_skip{i}"))
+        absent_handled(UnfoldModalities(m, name=f"unfold_skip{i}")(s), f"mask_skip{i}"))
         for i, s in enumerate(shared_out["skips"])]                                        # [B, ..., M * C_i]
     outputs = {"shared_features": shared}
 
@@ -84,7 +84,7 @@ def _segmenter_graph(c: dict):
         outputs["domain_logits"] = DomainClassifier(m, name="domain_classifier")(
             StackModalities(name="stack_pooled")(pooled))                                   # [B, M, M]
     else:
-        fused = absent_zeroed(shared, "mask_shared")  # baseline: the modalities' own features, plainly concatenated
+        fused = absent_handled(shared, "mask_shared")  # baseline: the modalities' own features, plainly concatenated
 
     decoder_class = RecomputedDecoder3D if c["remat"] == "all" else Decoder3D
     decoder = decoder_class(c["decoder_filters"], num_classes=len(c["regions"]), norm=c["norm"],
