@@ -52,8 +52,9 @@ What is measured (``ours`` = this package on the Keras backend ``--backend``, de
 JSON keys: ``schema``, ``label``, ``argv``, ``backend``, ``config``, ``host``, ``card`` (the device the workers
 named), ``ours`` -> precision -> ``train`` / ``infer``, ``data``, ``official`` -> precision -> ``train`` / ``infer``,
 ``ratios`` -> precision -> ``train_step`` / ``train_step_random`` / ``whole_volume`` / ``peak_memory``. See
-``TRAIN_KEYS`` / ``INFER_KEYS`` / ``DATA_KEYS`` / ``STARTUP_KEYS`` (and ``JAX_PHASES``). ``benchmarks/bench_report.py`` merges several
-reports (the parts of ``benchmarks/gpu/run_gpu_benchmark.sh``) into one summary.
+``TRAIN_KEYS`` / ``INFER_KEYS`` / ``DATA_KEYS`` / ``STARTUP_KEYS`` (and ``JAX_PHASES``).
+``benchmarks/bench_report.py`` merges several reports (the parts of ``benchmarks/gpu/run_gpu_benchmark.sh``) into one
+summary.
 """
 from __future__ import annotations
 
