@@ -200,7 +200,8 @@ def train(args, extra) -> int:
     options = dict(
         model_options=model_options or None, drop_probs=probs, preset=args.preset, variant=args.variant,
         steps=args.steps, epochs=args.epochs, checkpoint_every=args.checkpoint_every, batch_size=args.batch_size,
-        crop_size=crop, regime=args.regime, subset=args.subset, warmup_steps=args.warmup_steps, ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
+        crop_size=crop, regime=args.regime, subset=args.subset, warmup_steps=args.warmup_steps,
+        ramp_steps=args.ramp_steps, drop_rate=args.drop_rate,
         learning_rate=args.lr, schedule=args.schedule, optimizer=args.optimizer, weight_decay=args.weight_decay,
         mixed_precision=args.mixed_precision, jit_compile=args.xla, run_eagerly=args.eager, strategy=args.strategy,
         audio_rate=args.audio_rate, seed=args.seed, deterministic=args.deterministic)
