@@ -12,9 +12,10 @@ zero-filled inputs) with the task's default modality dropout; the one ablation o
 segmenter has (a linear, 1x1x1 fusion projection instead of the official 3x3x3); ShaSpec with the official code's
 skip maps for absent modalities (``absent_features="encoded"``: the shared encoder's output on the zero input, with
 its gradient, instead of the same values without it), and with zeros there instead (``"zeros"``); and a dedicated
-model (``--regime dedicated``: trained and tested with
-one subset) for each of :data:`DEDICATED`. Every model is scored on the eval
-phantoms (Dice, %): the non-dedicated ones on all 15 subsets, a dedicated one on its own.
+model (``--regime dedicated``: trained and tested with one subset) for each of :data:`DEDICATED`. Every model is
+scored on the eval phantoms (Dice, %): the non-dedicated ones on all 15 subsets, a dedicated one on its own. Named
+in ``--runs`` only: ``dedicated-t1-encoded`` and ``dedicated-t1-zeros``, the model dedicated to T1 (three modalities
+absent from the first step on) with the other two routes for absent skips.
 
 The dedicated subsets: ``t1`` alone, the weakest sequence for every region in the paper's Table 1 and where a
 missing-modality model has the most to add; ``flair`` alone, the whole-tumour sequence and the usual single
@@ -70,9 +71,15 @@ def runs(args) -> list:
              + [Run(f"dedicated-{s}", dict(common, variant="shaspec", regime="dedicated", subset=s,
                                            model_options=default), subsets=(s,), label=f"dedicated to {s}")
                 for s in args.dedicated])
+    # On request only (--runs): the absent-skip routes where modalities are absent from the first step on
+    every += [Run(f"dedicated-t1-{route}", dict(common, variant="shaspec", regime="dedicated", subset="t1",
+                                                model_options={"absent_features": route}), subsets=("t1",),
+                  label=f"dedicated to t1, absent skips {route}")
+              for route in ("encoded", "zeros") if f"dedicated-t1-{route}" in (args.runs or ())]
     unknown = sorted(set(args.runs or ()) - {run.name for run in every})
     if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}: expected names from {[run.name for run in every]}")
+        raise SystemExit(f"unknown run(s) {unknown}: expected names from {[run.name for run in every]} and, on "
+                         "request only, dedicated-t1-encoded and dedicated-t1-zeros")
     return [run for run in every if not args.runs or run.name in args.runs]
 
 

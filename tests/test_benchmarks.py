@@ -277,6 +277,11 @@ def test_phantom_study_scores_regions_over_subsets_and_each_subset_over_regions(
     assert runs[4].options == dict(runs[0].options, model_options={"absent_features": "zeros"})
     args.runs = ["encoded-absent", "shaspec"]
     assert [r.name for r in pbl.runs(args)] == ["shaspec", "encoded-absent"]
+    # on request only: the T1-dedicated model under the other absent routes, trained as dedicated-t1 is
+    args.runs = ["dedicated-t1", "dedicated-t1-encoded"]
+    dedicated, encoded = pbl.runs(args)
+    assert encoded.options == dict(dedicated.options, model_options={"absent_features": "encoded"})
+    assert encoded.subsets == ("t1",)
     args.runs = ["shaspc"]
     with pytest.raises(SystemExit, match="unknown run"):
         pbl.runs(args)
