@@ -53,34 +53,41 @@ def scores_of(summary: dict, subsets) -> dict:
     return {k: round(v, 4) for k, v in out.items()}
 
 
+# Runs trained only when named in --runs: the model dedicated to T1 (three modalities absent from the first step on)
+# under the other two routes for absent modalities' skips
+ON_REQUEST_ROUTES = ("encoded", "zeros")
+
+
 def runs(args) -> list:
     """The study's runs. Each names ``absent_features`` explicitly: runs are keyed by their options, so a work folder
     from before that option (whose models took the official "encoded" route) is never mistaken for this one."""
+    from shaspec_tf.models.presets import SEGMENTER_PRESETS
+
     common = {"preset": args.preset, "steps": args.steps, "crop_size": list(args.crop)}
     dropout = dict(common, warmup_steps=args.warmup_steps)
-    default = {"absent_features": "detached"}
-    every = ([Run("shaspec", dict(dropout, variant="shaspec", model_options=default), label="ShaSpec (one model)"),
-              Run("baseline", dict(dropout, variant="baseline", model_options=default),
-                  label="baseline (shared encoder, zero-filled)"),
-              Run("linear-fusion", dict(dropout, variant="shaspec", model_options=dict(default, fusion_kernel=1)),
-                  label="ShaSpec, linear (1x1x1) fusion"),
-              Run("encoded-absent", dict(dropout, variant="shaspec", model_options={"absent_features": "encoded"}),
-                  label="ShaSpec, absent skips with gradient (official)"),
-              Run("zeros-absent", dict(dropout, variant="shaspec", model_options={"absent_features": "zeros"}),
-                  label="ShaSpec, absent skips zeroed")]
-             + [Run(f"dedicated-{s}", dict(common, variant="shaspec", regime="dedicated", subset=s,
-                                           model_options=default), subsets=(s,), label=f"dedicated to {s}")
-                for s in args.dedicated])
-    # On request only (--runs): the absent-skip routes where modalities are absent from the first step on
-    every += [Run(f"dedicated-t1-{route}", dict(common, variant="shaspec", regime="dedicated", subset="t1",
-                                                model_options={"absent_features": route}), subsets=("t1",),
-                  label=f"dedicated to t1, absent skips {route}")
-              for route in ("encoded", "zeros") if f"dedicated-t1-{route}" in (args.runs or ())]
-    unknown = sorted(set(args.runs or ()) - {run.name for run in every})
+    default = {"absent_features": SEGMENTER_PRESETS[args.preset]["absent_features"]}
+
+    def shaspec(name, label, variant="shaspec", **model_options):
+        return Run(name, dict(dropout, variant=variant, model_options=dict(default, **model_options)), label=label)
+
+    def dedicated(subset, route=None):
+        options = {"absent_features": route} if route else default
+        return Run(f"dedicated-{subset}" + (f"-{route}" if route else ""),
+                   dict(common, variant="shaspec", regime="dedicated", subset=subset, model_options=options),
+                   subsets=(subset,), label=f"dedicated to {subset}" + (f", absent skips {route}" if route else ""))
+
+    every = [shaspec("shaspec", "ShaSpec (one model)"),
+             shaspec("baseline", "baseline (shared encoder, zero-filled)", variant="baseline"),
+             shaspec("linear-fusion", "ShaSpec, linear (1x1x1) fusion", fusion_kernel=1),
+             shaspec("encoded-absent", "ShaSpec, absent skips with gradient (official)", absent_features="encoded"),
+             shaspec("zeros-absent", "ShaSpec, absent skips zeroed", absent_features="zeros")]
+    every += [dedicated(s) for s in args.dedicated]
+    on_request = [dedicated("t1", route) for route in ON_REQUEST_ROUTES]
+    unknown = sorted(set(args.runs or ()) - {run.name for run in every + on_request})
     if unknown:
         raise SystemExit(f"unknown run(s) {unknown}: expected names from {[run.name for run in every]} and, on "
-                         "request only, dedicated-t1-encoded and dedicated-t1-zeros")
-    return [run for run in every if not args.runs or run.name in args.runs]
+                         f"request only, {[run.name for run in on_request]}")
+    return [run for run in every + on_request if run.name in (args.runs or [r.name for r in every])]
 
 
 def main(argv=None) -> dict:

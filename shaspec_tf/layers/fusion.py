@@ -138,8 +138,8 @@ class MaskModalities(keras.layers.Layer):
     ``[B, M, ...]`` (the segmenter's skip maps). ``absent="detached"`` keeps their values instead and only stops
     their gradient.
 
-    Uses ``where`` rather than a product, so that NaN or Inf in an absent modality's tensor cannot leak through,
-    and nothing flows back into what computed an absent entry.
+    Uses ``where`` rather than a product, so that nothing flows back into what computed an absent entry and, with
+    ``absent="zeros"``, NaN or Inf in an absent modality's tensor cannot leak through.
     """
 
     def __init__(self, axis=-1, absent="zeros", **kwargs):

@@ -109,17 +109,19 @@ def resolve_config(presets: dict, preset: str, overrides: dict) -> dict:
         raise ValueError(f"unknown variant {config['variant']!r} for the {preset} preset: expected "
                          f"{', '.join(variants)}")
     if config["task"] == "segmentation":
-        _validate_remat(config, preset)
-        if config["absent_features"] not in ABSENT_FEATURES:
-            raise ValueError(f"unknown absent_features {config['absent_features']!r} for the {preset} preset: "
-                             f"expected one of {', '.join(ABSENT_FEATURES)}")
+        _validate_choice(config, "remat", REMAT_MODES, preset)
+        _validate_choice(config, "absent_features", ABSENT_FEATURES, preset)
+        _validate_remat(config)
     return config
 
 
-def _validate_remat(config: dict, preset: str) -> None:
-    if config["remat"] not in REMAT_MODES:
-        raise ValueError(f"unknown remat {config['remat']!r} for the {preset} preset: expected one of "
-                         f"{', '.join(REMAT_MODES)}")
+def _validate_choice(config: dict, key: str, choices: tuple, preset: str) -> None:
+    if config[key] not in choices:
+        raise ValueError(f"unknown {key} {config[key]!r} for the {preset} preset: expected one of "
+                         f"{', '.join(choices)}")
+
+
+def _validate_remat(config: dict) -> None:
     if config["remat"] != "none" and config["norm"] == "batch":
         raise ValueError(f"remat={config['remat']!r} needs a stateless norm (instance, group, none), not batch: "
                          "batch norm updates its moving statistics in the forward pass, which remat repeats")
